@@ -1,0 +1,1 @@
+"""ML layer: torch / transformers / peft / bitsandbytes. Never imports ipywidgets."""

@@ -1,0 +1,132 @@
+"""Convert a GGUF file once into a safetensors model folder under the sftkit cache.
+
+transformers de-quantizes GGUF tensors to fp32 on every load (about 25 s for the
+default model here). A model loaded from GGUF can't be ``save_pretrained`` as is
+(its config still says ``quant_method: gguf``), so the conversion builds a fresh
+model from the cleaned config, loads the state dict, and saves that. Later loads
+read the cached folder (about 0.3 s).
+
+Writes are atomic: the folder is built under a temporary name and renamed into
+place, with a marker file written last, so a killed conversion never leaves a
+folder that looks complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from ..core.errors import UnsupportedModelError
+from ..core.paths import models_cache_dir
+
+MARKER = "sftkit-converted.json"
+
+
+def gguf_architecture(path: str | Path) -> str:
+    """Read ``general.architecture`` from a GGUF header without loading tensors."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as exc:
+        raise UnsupportedModelError(
+            f"{path} could not be read as a GGUF file ({type(exc).__name__}: {exc})"
+        ) from exc
+    field = reader.fields.get("general.architecture")
+    if field is None:
+        raise UnsupportedModelError(f"{path} has no 'general.architecture' entry; is it a GGUF model?")
+    return bytes(field.parts[field.data[0]]).decode("utf-8", errors="replace")
+
+
+def supported_gguf_architectures() -> list[str]:
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    return sorted(GGUF_SUPPORTED_ARCHITECTURES)
+
+
+def check_gguf_supported(path: str | Path):
+    """Parse the GGUF header into a transformers config (no tensors are read).
+
+    Returns the config; raises UnsupportedModelError naming the architecture and
+    what transformers can load when it can't load this one.
+    """
+    from transformers import AutoConfig
+
+    path = Path(path)
+    try:
+        return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    except ValueError as exc:
+        if "not supported" not in str(exc):
+            raise
+        arch = gguf_architecture(path)
+        raise UnsupportedModelError(
+            f"{path.name}: GGUF architecture '{arch}' can't be loaded by transformers "
+            f"(it loads: {', '.join(supported_gguf_architectures())}). Use the original "
+            "safetensors model (a hub id or local folder) instead, or load_model('default')."
+        ) from exc
+
+
+def cache_key(path: str | Path) -> str:
+    p = Path(path).resolve()
+    st = p.stat()
+    digest = hashlib.sha1(f"{p}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    return f"{p.stem}-{digest}"
+
+
+def cached_folder(path: str | Path) -> Path | None:
+    """The converted folder for this GGUF, if a complete one exists."""
+    folder = models_cache_dir() / cache_key(path)
+    return folder if (folder / MARKER).is_file() else None
+
+
+def convert_gguf(path: str | Path, *, progress=None) -> Path:
+    """Convert ``path`` into the cache (if not there yet) and return the folder."""
+    existing = cached_folder(path)
+    if existing is not None:
+        return existing
+    check_gguf_supported(path)
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path).resolve()
+    final = models_cache_dir() / cache_key(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    started = time.perf_counter()
+    if progress:
+        progress(f"Converting {path.name} to a safetensors cache (once; about half a minute)...")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        loaded = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch.float32
+        )
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        fresh.load_state_dict(loaded.state_dict(), strict=True)
+        fresh.generation_config = loaded.generation_config
+        del loaded
+        fresh.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / MARKER).write_text(json.dumps({
+            "source": str(path),
+            "size": path.stat().st_size,
+            "seconds": round(time.perf_counter() - started, 2),
+        }))
+        if final.exists() and not (final / MARKER).is_file():
+            shutil.rmtree(final, ignore_errors=True)  # left by a killed conversion
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another process finished first: keep theirs
+            if not (final / MARKER).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final

@@ -1,0 +1,74 @@
+"""Probe the machine into a ``HardwareFacts`` snapshot for the policy."""
+
+from __future__ import annotations
+
+import os
+from importlib import metadata
+
+from ..core.policy import HardwareFacts
+
+# bitsandbytes gained its CPU backend (NF4 forward and backward) in the 0.4x line;
+# 0.48 is the oldest release sftkit declares.
+_BNB_MIN = (0, 48)
+
+
+def _version_tuple(v: str) -> tuple[int, ...]:
+    out = []
+    for part in v.split(".")[:3]:
+        digits = "".join(ch for ch in part if ch.isdigit())
+        out.append(int(digits) if digits else 0)
+    return tuple(out)
+
+
+def ram_total_bytes() -> int | None:
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().total)
+    except Exception:  # psutil missing: fall back to sysconf where it exists
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            return None
+
+
+def bitsandbytes_status() -> tuple[bool, str | None, str | None]:
+    """(usable, version, problem). Imports bitsandbytes only if it is installed."""
+    try:
+        version = metadata.version("bitsandbytes")
+    except metadata.PackageNotFoundError:
+        return False, None, "bitsandbytes is not installed"
+    if _version_tuple(version) < _BNB_MIN:
+        return False, version, (
+            f"bitsandbytes {version} is older than {'.'.join(map(str, _BNB_MIN))}, "
+            "the first release sftkit uses for 4-bit on CPU and GPU"
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as exc:  # a broken install or missing native library
+        return False, version, f"bitsandbytes {version} fails to import ({type(exc).__name__}: {exc})"
+    return True, version, None
+
+
+def probe_hardware() -> HardwareFacts:
+    import torch
+
+    cuda = bool(torch.cuda.is_available())
+    name = bf16 = total = free = None
+    if cuda:
+        name = torch.cuda.get_device_name(0)
+        bf16 = bool(torch.cuda.is_bf16_supported())
+        free, total = torch.cuda.mem_get_info(0)
+    usable, version, problem = bitsandbytes_status()
+    return HardwareFacts(
+        cuda_available=cuda,
+        cuda_name=name,
+        cuda_bf16=bool(bf16),
+        cuda_total_bytes=total,
+        cuda_free_bytes=free,
+        bnb_available=usable,
+        bnb_version=version,
+        bnb_problem=problem,
+        cpu_count=os.cpu_count() or 1,
+        ram_total_bytes=ram_total_bytes(),
+    )
