@@ -21,12 +21,16 @@ cp "$ROOT/lab/overrides.json" "$SETTINGS/overrides.json"
 
 # The workspace that opens the first notebook; a layout the user changed is kept.
 if [ -z "$(ls -A "$STATE/workspaces")" ]; then
-    "$BIN/jupyter" lab workspaces import --LabApp.workspaces_dir="$STATE/workspaces" \
+    "$BIN/jupyter" lab workspaces import --LabWorkspaceImportApp.workspaces_dir="$STATE/workspaces" \
         "$ROOT/lab/workspace.json" >/dev/null
 fi
 
 OPEN_BROWSER=True
 if [ -n "${CI:-}" ] || { [ -z "${DISPLAY:-}" ] && [ "$(uname)" = Linux ]; }; then OPEN_BROWSER=False; fi
+
+EXTRA=()
+# Containers and CI run as root; JupyterLab refuses that without the flag.
+if [ "$(id -u)" = 0 ]; then EXTRA+=(--allow-root); fi
 
 cd "$ROOT/notebooks"
 exec "$BIN/jupyter" lab \
@@ -35,4 +39,4 @@ exec "$BIN/jupyter" lab \
     --ServerApp.open_browser="$OPEN_BROWSER" \
     --LabApp.user_settings_dir="$STATE/user-settings" \
     --LabApp.workspaces_dir="$STATE/workspaces" \
-    "$@"
+    "${EXTRA[@]}" "$@"

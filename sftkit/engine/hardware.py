@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from importlib import metadata
 
@@ -32,6 +33,30 @@ def ram_total_bytes() -> int | None:
             return None
 
 
+class _DropHubKernelNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "kernels-community" not in record.getMessage()
+
+
+def import_bitsandbytes():
+    """Import bitsandbytes without its notice about an optional hub-downloaded CPU kernel.
+
+    On CPUs with AVX512-BF16, bitsandbytes tries to fetch a faster 4-bit kernel from a
+    model hub and logs a warning when it can't; its built-in kernel is used instead. The
+    notice means nothing to a workshop and is offline noise, so only that one message is
+    dropped, only during this import.
+    """
+    log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    quiet = _DropHubKernelNotice()
+    log.addFilter(quiet)
+    try:
+        import bitsandbytes
+
+        return bitsandbytes
+    finally:
+        log.removeFilter(quiet)
+
+
 def bitsandbytes_status() -> tuple[bool, str | None, str | None]:
     """(usable, version, problem). Imports bitsandbytes only if it is installed."""
     try:
@@ -44,7 +69,7 @@ def bitsandbytes_status() -> tuple[bool, str | None, str | None]:
             "the first release sftkit uses for 4-bit on CPU and GPU"
         )
     try:
-        import bitsandbytes  # noqa: F401
+        import_bitsandbytes()
     except Exception as exc:  # a broken install or missing native library
         return False, version, f"bitsandbytes {version} fails to import ({type(exc).__name__}: {exc})"
     return True, version, None

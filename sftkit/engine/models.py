@@ -18,7 +18,7 @@ from ..core.errors import ModelNotFoundError, ModelOfflineError, QuantizationUna
 from ..core.modelspec import ModelSource, resolve_model_spec
 from ..core.policy import LoadPlan, decide_load_plan
 from . import gguf_cache
-from .hardware import probe_hardware
+from .hardware import import_bitsandbytes, probe_hardware
 
 
 @dataclass(frozen=True)
@@ -197,7 +197,7 @@ def load_model(
     plan = plan_load(quantization, device, dtype, attn_implementation)
     if plan.quantization in ("4bit", "8bit"):
         try:
-            import bitsandbytes  # noqa: F401
+            import_bitsandbytes()
         except ImportError as exc:
             raise QuantizationUnavailableError(
                 f"quantization='{plan.quantization}' needs bitsandbytes, which fails to import "

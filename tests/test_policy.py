@@ -1,0 +1,74 @@
+"""The device/precision policy, every branch, on any machine (pure logic)."""
+
+import pytest
+
+from sftkit.core.errors import ConfigError, DeviceUnavailableError, QuantizationUnavailableError
+from sftkit.core.policy import HardwareFacts, decide_load_plan
+
+CPU = HardwareFacts(cpu_count=2, bnb_available=True, bnb_version="0.50.2")
+CPU_NO_BNB = HardwareFacts(cpu_count=2, bnb_problem="bitsandbytes is not installed")
+H100 = HardwareFacts(cuda_available=True, cuda_name="NVIDIA H100", cuda_bf16=True, bnb_available=True)
+T4 = HardwareFacts(cuda_available=True, cuda_name="Tesla T4", cuda_bf16=False, bnb_available=True)
+GPU_NO_BNB = HardwareFacts(cuda_available=True, cuda_name="NVIDIA H100", cuda_bf16=True,
+                           bnb_problem="bitsandbytes is not installed")
+
+
+def test_cpu_auto_is_fp32_lora_and_says_why_4bit_is_off():
+    plan = decide_load_plan(CPU)
+    assert (plan.device, plan.dtype, plan.quantization, plan.method) == ("cpu", "float32", "none", "LoRA")
+    text = plan.describe()
+    assert "CPU found" in text and "4-bit off because" in text and "fp32" in text
+
+
+def test_cuda_auto_is_qlora_nf4_bf16():
+    plan = decide_load_plan(H100)
+    assert (plan.device, plan.quantization, plan.compute_dtype, plan.method) == ("cuda", "4bit", "bfloat16", "QLoRA")
+    assert "NVIDIA H100" in plan.describe() and "NF4" in plan.describe()
+
+
+def test_cuda_without_bf16_uses_fp16():
+    plan = decide_load_plan(T4)
+    assert plan.dtype == "float16" and plan.compute_dtype == "float16"
+
+
+def test_cuda_without_bitsandbytes_falls_back_with_reason():
+    plan = decide_load_plan(GPU_NO_BNB)
+    assert plan.quantization == "none"
+    assert "4-bit off because bitsandbytes is not installed" in plan.describe()
+
+
+def test_cpu_4bit_on_request_explains_the_trade():
+    plan = decide_load_plan(CPU, quantization="4bit")
+    assert plan.quantization == "4bit" and plan.compute_dtype == "float32"
+    assert "saves memory" in plan.describe()
+
+
+def test_cuda_asked_but_absent():
+    with pytest.raises(DeviceUnavailableError, match=r"device='cuda'.*no CUDA GPU"):
+        decide_load_plan(CPU, device="cuda")
+
+
+@pytest.mark.parametrize("kind", ["4bit", "8bit"])
+def test_kbit_asked_without_bitsandbytes(kind):
+    with pytest.raises(QuantizationUnavailableError, match=rf"quantization='{kind}' needs bitsandbytes.*not installed"):
+        decide_load_plan(CPU_NO_BNB, quantization=kind)
+
+
+def test_bad_values_name_field_and_allowed():
+    with pytest.raises(ConfigError, match=r"quantization='3bit'.*allowed: auto, 4bit, 8bit, none"):
+        decide_load_plan(CPU, quantization="3bit")
+    with pytest.raises(ConfigError, match=r"device='tpu'.*allowed: auto, cpu, cuda"):
+        decide_load_plan(CPU, device="tpu")
+    with pytest.raises(ConfigError, match=r"dtype='int3'"):
+        decide_load_plan(CPU, dtype="int3")
+
+
+def test_aliases_and_bf16_on_cpu_warns():
+    plan = decide_load_plan(CPU, quantization="NF4", dtype="bf16")
+    assert plan.quantization == "4bit" and plan.dtype == "bfloat16"
+    assert any("100x slower" in w for w in plan.warnings)
+
+
+def test_bf16_on_gpu_without_support_is_an_error():
+    with pytest.raises(ConfigError, match="no bf16"):
+        decide_load_plan(T4, device="cuda", dtype="bfloat16")
