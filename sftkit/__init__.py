@@ -15,6 +15,9 @@ _LAZY = {
     "load_model": ("sftkit.engine.models", "load_model"),
     "plan_load": ("sftkit.engine.models", "plan_load"),
     "doctor": ("sftkit.engine.doctor", "run_doctor"),
+    "Template": ("sftkit.core.template", "Template"),
+    "load_rows": ("sftkit.core.data", "load_rows"),
+    "teaching_task": ("sftkit.core.teaching", "teaching_task"),
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -1,0 +1,68 @@
+"""Pure HTML builders for the views: data in, an HTML string out (tested without a browser)."""
+
+from __future__ import annotations
+
+import html
+from typing import Sequence
+
+from ..core.tokens import TokenPiece
+
+TRAINED_BG = "#c8f7c5"
+MASKED_BG = "#eeeeee"
+SPECIAL_BORDER = "#7b61ff"
+ROLE_COLOURS = {"system": "#6b7280", "example": "#b45309", "user": "#1d4ed8",
+                "answer": "#15803d", "end": "#15803d", "other": "#6b7280", "prompt": "#374151"}
+
+LEGEND = (
+    f'<span style="background:{TRAINED_BG};padding:0 4px">trained</span> '
+    f'<span style="background:{MASKED_BG};padding:0 4px">masked (context only)</span> '
+    f'<span style="border:1px solid {SPECIAL_BORDER};padding:0 4px">special token</span>'
+)
+
+
+def _visible(text: str) -> str:
+    out = html.escape(text)
+    out = out.replace(" ", "&nbsp;").replace("\t", "&rarr;")
+    return out.replace("\n", '<span style="color:#999">&#8629;</span><br>')
+
+
+def tokens_html(pieces: Sequence[TokenPiece], mask: Sequence[int], roles: Sequence[str] | None = None,
+                *, truncated_at: int | None = None, full_length: int | None = None) -> str:
+    """Each token as a span: green when trained, grey when masked, outlined when special.
+
+    Hovering a token shows its id, position and role. A scissors marker shows where
+    truncation cut the example.
+    """
+    spans = []
+    for i, (p, m) in enumerate(zip(pieces, mask)):
+        role = roles[i] if roles else ""
+        style = [f"background:{TRAINED_BG if m else MASKED_BG}", "border-radius:2px", "margin:0 1px 1px 0"]
+        if p.special:
+            style.append(f"border:1px solid {SPECIAL_BORDER}")
+            style.append(f"color:{SPECIAL_BORDER}")
+        title = f"#{i} id {p.id}{' ' + role if role else ''}{' trained' if m else ' masked'}"
+        text = _visible(p.text) if p.text else "&#8203;"
+        spans.append(f'<span class="sftkit-tok" data-trained="{int(bool(m))}" title="{title}" '
+                     f'style="{";".join(style)}">{text}</span>')
+    if truncated_at is not None:
+        lost = (full_length or truncated_at) - truncated_at
+        spans.append(f'<span class="sftkit-cut" style="color:#b91c1c;font-weight:bold"> &#9986; cut at '
+                     f'{truncated_at} tokens ({lost} more not trained)</span>')
+    body = "".join(spans)
+    return (f'<div style="font-family:monospace;font-size:12px;line-height:1.7;white-space:normal">'
+            f'{body}</div>')
+
+
+def messages_html(items: Sequence[str], kind: str = "warning") -> str:
+    if not items:
+        return ""
+    colour = {"warning": "#92400e", "error": "#b91c1c", "info": "#1f2937"}[kind]
+    icon = {"warning": "&#9888;", "error": "&#10006;", "info": "&#8505;"}[kind]
+    rows = "".join(f'<li class="sftkit-{kind}" style="color:{colour}">{icon} {html.escape(t)}</li>'
+                   for t in items)
+    return f'<ul style="margin:4px 0;padding-left:18px">{rows}</ul>'
+
+
+def stats_html(n_tokens: int, n_trained: int, max_length: int, prompt_length: int) -> str:
+    return (f'<b>{n_tokens}</b> tokens (max {max_length}) &middot; <b>{n_trained}</b> trained &middot; '
+            f'{prompt_length} in the prompt &middot; {LEGEND}')
