@@ -50,3 +50,30 @@ def _cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def test_prompt_builder_renders_updates_as_you_type_and_answers(lab, page, tmp_path):  # noqa: F811
+    # A fresh workspace holding only this notebook, so every indicator on the page is its own.
+    page.goto(f"{lab['base']}/lab/workspaces/builder-test/tree/01_prompt_builder.ipynb?reset&token={lab['token']}",
+              timeout=60_000)
+    panel = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden)")  # the tab in front
+    panel.locator(".jp-Toolbar-kernelName", has_text="sftkit (Python 3)").first.wait_for(timeout=60_000)
+    panel.locator(".jp-Cell").first.wait_for(timeout=60_000)
+    page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").first.wait_for(timeout=60_000)
+    page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
+    page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
+    try:
+        panel.locator(".sftkit-tok").first.wait_for(timeout=120_000)
+    except Exception:
+        page.screenshot(path="/tmp/sftkit-builder-failure.png")
+        raise
+    assert panel.locator('.sftkit-tok[data-trained="1"]').count() == 11  # 2021-style date + <|im_end|>
+    # Typing in the user pattern re-renders the preview through the kernel.
+    box = panel.locator(".widget-textarea textarea").nth(1)
+    box.fill("Please rewrite: {text}")
+    page.locator(".sftkit-tok", has_text="rewrite").first.wait_for(timeout=30_000)
+    # Try it: the base model's answer streams into the view.
+    panel.locator("button", has_text="Try it").click()
+    page.get_by_text("matches the dataset answer").or_(page.get_by_text("differs from the dataset answer")) \
+        .first.wait_for(timeout=120_000)
+    page.screenshot(path=str(tmp_path / "builder.png"), full_page=True)

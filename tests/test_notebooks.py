@@ -38,3 +38,17 @@ def test_start_here_runs_and_the_model_answers(default_model_folder, tmp_path):
     assert "All good." in text
     assert "Paris" in text
     assert "4-bit:" in text and "<|im_start|>assistant" in text
+
+
+@pytest.mark.slow
+def test_prompt_builder_notebook_runs_shows_the_widget_and_scores(default_model_folder):
+    path = NOTEBOOKS / "01_prompt_builder.ipynb"
+    nb = nbformat.read(str(path), as_version=4)
+    NotebookClient(nb, timeout=600, kernel_name="sftkit",
+                   resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+    widget_outputs = [o for c in nb.cells for o in c.get("outputs", [])
+                      if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    assert widget_outputs, "the PromptBuilder did not display"
+    text = outputs_text(nb)
+    assert "trained: '" in text and "<|im_end|>'" in text
+    assert "zero-shot:" in text and "few-shot:" in text and "95% CI" in text

@@ -71,12 +71,13 @@ class PromptBuilder:
         self.train_on = W.ToggleButtons(options=["completion", "all"], value=template.train_on,
                                         description="Train on", tooltips=[_HELP["train_on"]] * 2)
         self.max_length = W.BoundedIntText(value=template.max_length, min=8, max=32768, description="Max tokens")
-        self.row = W.BoundedIntText(value=0, min=0, max=len(self.rows) - 1, description=f"Row (of {len(self.rows)})")
+        self.row = W.BoundedIntText(value=0, min=0, max=len(self.rows) - 1, description=f"Row (of {len(self.rows)})",
+                                    style={"description_width": "initial"}, layout=W.Layout(width="180px"))
         self.mode = W.ToggleButtons(options=["zero-shot", "few-shot"],
                                     value="few-shot" if self._examples else "zero-shot", description="Mode")
-        self.add_row_button = W.Button(description="Add this row as example", icon="plus")
-        self.add_blank_button = W.Button(description="Add blank example", icon="plus")
-        self.check_button = W.Button(description="Check all rows", icon="check")
+        self.add_row_button = W.Button(description="Add this row as example", icon="plus", layout=W.Layout(width="auto"))
+        self.add_blank_button = W.Button(description="Add blank example", icon="plus", layout=W.Layout(width="auto"))
+        self.check_button = W.Button(description="Check all rows", icon="check", layout=W.Layout(width="auto"))
         self.try_button = W.Button(description="Try it", button_style="primary", icon="play",
                                    disabled=model is None,
                                    tooltip="Run the base model on this row" if model else "pass model= to try")
