@@ -95,6 +95,46 @@ NOTEBOOKS["01_prompt_builder.ipynb"] = [
          "    print(score_prompting(model, tokenizer, tpl, held_out[:30], task.scorer, few_shot=few, max_new_tokens=16))"),
 ]
 
+NOTEBOOKS["02_layer_picker.ipynb"] = [
+    md("# 2. Choose what to train\n\n"
+       "A model is a stack of identical **blocks**; each has **attention** projections (q, k, v, o) and "
+       "**MLP** projections, plus norms. Fine-tuning does not have to touch all of them. Click cells to "
+       "choose: green cells get a **LoRA** adapter, orange cells are trained in **full**. The counters "
+       "show how many parameters train and how much memory the run will need."),
+    code("import sftkit\n"
+         "from sftkit.ui import LayerPicker\n\n"
+         'model, tokenizer = sftkit.load_model("default")\n'
+         "print(sftkit.inspect_model(model).describe())"),
+    code("picker = LayerPicker(model, batch_size=8, seq_len=128)\npicker"),
+    md("## The plan as an object\n\n"
+       "`picker.plan` is a `FreezePlan`: sets of module and parameter names. It becomes a peft "
+       "`LoraConfig` (or `requires_grad` flags for full training) when the run starts."),
+    code("plan = picker.plan\n"
+         "anatomy = picker.anatomy\n"
+         "print(plan.label, plan.method, f\"{plan.trainable_params(anatomy):,} trainable\")\n"
+         "print(plan.lora_config(anatomy) if plan.method == 'lora' else 'full training')"),
+    md("## Presets side by side\n\n"
+       "The same model, five ways to fine-tune it: trainable parameters and the estimated memory for "
+       "batch 8 x 128 tokens in fp32 (weights + gradients + AdamW states + activations)."),
+    code("from sftkit.engine.freeze import FreezePlan\n\n"
+         'print(f"{\'plan\':32} {\'trainable\':>12} {\'%\':>7} {\'memory\':>10}")\n'
+         "for name, top in [('lora_attention', None), ('lora_all_linear', None), ('lora_top_blocks', 8),\n"
+         "                  ('freeze_tuning', 4), ('bitfit', None)]:\n"
+         "    p = FreezePlan.preset(name, anatomy, top_n=top)\n"
+         "    n = p.trainable_params(anatomy)\n"
+         "    est = p.memory_estimate(anatomy, batch_size=8, seq_len=128)\n"
+         '    print(f"{p.label:32} {n:>12,} {100 * n / anatomy.total_params:>6.2f}% {est.total / 2**20:>7,.0f} MiB")'),
+    md("## Does the estimate hold?\n\n"
+       "Apply the plan to a fresh copy of the model, run one real training step and count the bytes."),
+    code("from sftkit.engine.measure import measure_training_step\n\n"
+         'fresh = sftkit.load_model("default").model\n'
+         "est = plan.memory_estimate(anatomy, batch_size=2, seq_len=64)\n"
+         "m = measure_training_step(plan.apply(fresh, anatomy), 2, 64)\n"
+         'print(f"weights+grads+AdamW: estimated {est.weights_grads_optimizer / 2**20:.1f} MiB, '
+         'measured {(m.weights + m.gradients + m.optimizer) / 2**20:.1f} MiB")\n'
+         'print(f"activations: estimated {est.activations / 2**20:.1f} MiB, measured {m.activations / 2**20:.1f} MiB")'),
+]
+
 out_dir = Path(__file__).resolve().parents[1] / "notebooks"
 for name, nb_cells in NOTEBOOKS.items():
     for i, cell in enumerate(nb_cells):

@@ -16,6 +16,8 @@ _LAZY = {
     "plan_load": ("sftkit.engine.models", "plan_load"),
     "doctor": ("sftkit.engine.doctor", "run_doctor"),
     "Template": ("sftkit.core.template", "Template"),
+    "FreezePlan": ("sftkit.engine.freeze", "FreezePlan"),
+    "inspect_model": ("sftkit.engine.anatomy", "inspect_model"),
     "load_rows": ("sftkit.core.data", "load_rows"),
     "teaching_task": ("sftkit.core.teaching", "teaching_task"),
 }

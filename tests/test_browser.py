@@ -77,3 +77,22 @@ def test_prompt_builder_renders_updates_as_you_type_and_answers(lab, page, tmp_p
     page.get_by_text("matches the dataset answer").or_(page.get_by_text("differs from the dataset answer")) \
         .first.wait_for(timeout=120_000)
     page.screenshot(path=str(tmp_path / "builder.png"), full_page=True)
+
+
+def test_layer_picker_renders_and_a_click_changes_the_count(lab, page, tmp_path):  # noqa: F811
+    page.goto(f"{lab['base']}/lab/workspaces/picker-test/tree/02_layer_picker.ipynb?reset&token={lab['token']}",
+              timeout=60_000)
+    panel = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden)")
+    panel.locator(".jp-Toolbar-kernelName", has_text="sftkit (Python 3)").first.wait_for(timeout=60_000)
+    page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").first.wait_for(timeout=60_000)
+    page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
+    page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
+    counters = panel.locator(".sftkit-counters").first
+    counters.wait_for(timeout=120_000)
+    assert "1,843,200" in counters.inner_text()  # LoRA r=16 on attention of SmolLM2-135M
+    # The grid: 30 block rows; click block 29's up_proj cell (frozen -> LoRA).
+    cell = panel.locator("button[title^='model.layers.29.mlp.up_proj']").first
+    cell.scroll_into_view_if_needed()
+    cell.click()
+    panel.locator(".sftkit-counters", has_text="1,876,992").first.wait_for(timeout=30_000)  # + 16 x (576+1536)
+    page.screenshot(path=str(tmp_path / "picker.png"))

@@ -52,3 +52,16 @@ def test_prompt_builder_notebook_runs_shows_the_widget_and_scores(default_model_
     text = outputs_text(nb)
     assert "trained: '" in text and "<|im_end|>'" in text
     assert "zero-shot:" in text and "few-shot:" in text and "95% CI" in text
+
+
+@pytest.mark.slow
+def test_layer_picker_notebook_runs_and_reports(default_model_folder):
+    path = NOTEBOOKS / "02_layer_picker.ipynb"
+    nb = nbformat.read(str(path), as_version=4)
+    NotebookClient(nb, timeout=600, kernel_name="sftkit",
+                   resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+    assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {})
+               for c in nb.cells for o in c.get("outputs", []))
+    text = outputs_text(nb)
+    assert "30 blocks under model.layers" in text and "LoraConfig" in text
+    assert "freeze_tuning(top 4)" in text and "activations: estimated" in text

@@ -29,6 +29,7 @@ class LinearInfo:
     out_features: int
     n_params: int
     quantized: bool
+    conv1d: bool = False  # GPT-2 style Conv1D: weight stored (in, out)
 
 
 @dataclass(frozen=True)
@@ -212,10 +213,12 @@ def inspect_model(model) -> Anatomy:
             if column not in bucket:
                 bucket.append(column)
             bias = getattr(mod.base_layer if hasattr(mod, "base_layer") else mod, "bias", None)
+            inner = mod.base_layer if hasattr(mod, "base_layer") else mod
             linear[(block, column)] = LinearInfo(
                 name, block, column, kind, fin, fout,
                 logical_numel(w) + (bias.numel() if bias is not None else 0),
-                quantized=getattr(w, "quant_state", None) is not None or w.dtype in (torch.uint8, torch.int8))
+                quantized=getattr(w, "quant_state", None) is not None or w.dtype in (torch.uint8, torch.int8),
+                conv1d=type(inner).__name__ == "Conv1D")
         elif "norm" in type(mod).__name__.lower() and column not in norms:
             norms.append(column)
     final_norms = [n for n, m in modules.items()

@@ -201,6 +201,11 @@ class FreezePlan:
             (b, c) in anatomy.linear for b in blocks for c in columns)
         kwargs = dict(r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout, bias=r.bias,
                       task_type="CAUSAL_LM", modules_to_save=list(r.modules_to_save) or None)
+        if any(li.conv1d for li in anatomy.linear.values() if li.name in self.lora_modules):
+            kwargs["fan_in_fan_out"] = True  # GPT-2's Conv1D stores weights transposed
+        tied_modules = set(anatomy.embedding_modules[:1]) | ({anatomy.head_module} if anatomy.head_module else set())
+        if anatomy.tied and tied_modules & set(r.modules_to_save):
+            kwargs["ensure_weight_tying"] = True  # keep the head and the embeddings one matrix
         if rectangle:
             kwargs["target_modules"] = columns
             if len(blocks) < anatomy.n_blocks:

@@ -52,6 +52,12 @@ def import_bitsandbytes():
     try:
         import bitsandbytes
 
+        try:  # the CPU backend loads lazily and logs the notice when it does
+            import importlib
+
+            importlib.import_module("bitsandbytes.backends.cpu.ops")
+        except ImportError:
+            pass
         return bitsandbytes
     finally:
         log.removeFilter(quiet)

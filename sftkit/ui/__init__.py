@@ -7,6 +7,7 @@ from __future__ import annotations
 
 _LAZY = {
     "PromptBuilder": ("sftkit.ui.prompt_builder", "PromptBuilder"),
+    "LayerPicker": ("sftkit.ui.layer_picker", "LayerPicker"),
 }
 __all__ = list(_LAZY)
 

@@ -1,0 +1,48 @@
+"""Measure the memory of one real training step, to check an estimate against."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class MeasuredMemory:
+    weights: int  # bytes of all parameters as stored
+    gradients: int
+    optimizer: int  # AdamW state tensors
+    activations: int  # distinct non-parameter storages autograd saved in the forward pass
+
+
+def measure_training_step(model, batch_size: int, seq_len: int, *, vocab_limit: int | None = None,
+                          seed: int = 0) -> MeasuredMemory:
+    """Run forward, backward and one AdamW step on random token ids and count tensor bytes.
+
+    Activations are what autograd keeps for backward (saved-tensor hooks), each storage
+    counted once and parameters left out: the quantity an activation estimate predicts.
+    """
+    import torch
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            saved[(st.data_ptr(), st.nbytes())] = st.nbytes()
+        return t
+
+    vocab = vocab_limit or model.get_input_embeddings().num_embeddings
+    ids = torch.randint(0, vocab, (batch_size, seq_len), generator=torch.Generator().manual_seed(seed))
+    ids = ids.to(next(model.parameters()).device)
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    opt.step()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+    states = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
+                 if torch.is_tensor(t) and t.dim() > 0)
+    opt.zero_grad(set_to_none=True)
+    return MeasuredMemory(weights, grads, states, sum(saved.values()))
