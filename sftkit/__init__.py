@@ -9,6 +9,8 @@ loaded on first use.
 
 from __future__ import annotations
 
+from sftkit.core.lazy import lazy_attributes
+
 __version__ = "0.1.0"
 
 _LAZY = {
@@ -25,16 +27,7 @@ _LAZY = {
 __all__ = ["__version__", *_LAZY]
 
 
-def __getattr__(name: str):
-    try:
-        module_name, attr = _LAZY[name]
-    except KeyError:
-        raise AttributeError(f"module 'sftkit' has no attribute {name!r}") from None
-    import importlib
-
-    value = getattr(importlib.import_module(module_name), attr)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_attributes('sftkit', _LAZY, globals())
 
 
 def __dir__():

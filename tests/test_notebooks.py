@@ -18,6 +18,18 @@ def outputs_text(nb) -> str:
     return "\n".join(parts)
 
 
+def run_notebook(name: str):
+    nb = nbformat.read(str(NOTEBOOKS / name), as_version=4)
+    NotebookClient(nb, timeout=600, kernel_name="sftkit",
+                   resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+    return nb
+
+
+def shows_a_widget(nb) -> bool:
+    return any("application/vnd.jupyter.widget-view+json" in o.get("data", {})
+               for c in nb.cells for o in c.get("outputs", []))
+
+
 def test_every_notebook_names_the_project_kernel():
     nbs = sorted(NOTEBOOKS.glob("*.ipynb"))
     assert nbs
@@ -30,10 +42,7 @@ def test_every_notebook_names_the_project_kernel():
 
 @pytest.mark.slow
 def test_start_here_runs_and_the_model_answers(default_model_folder, tmp_path):
-    path = NOTEBOOKS / "00_start_here.ipynb"
-    nb = nbformat.read(str(path), as_version=4)
-    NotebookClient(nb, timeout=600, kernel_name="sftkit",
-                   resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+    nb = run_notebook("00_start_here.ipynb")
     text = outputs_text(nb)
     assert "All good." in text
     assert "Paris" in text
@@ -42,13 +51,8 @@ def test_start_here_runs_and_the_model_answers(default_model_folder, tmp_path):
 
 @pytest.mark.slow
 def test_prompt_builder_notebook_runs_shows_the_widget_and_scores(default_model_folder):
-    path = NOTEBOOKS / "01_prompt_builder.ipynb"
-    nb = nbformat.read(str(path), as_version=4)
-    NotebookClient(nb, timeout=600, kernel_name="sftkit",
-                   resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
-    widget_outputs = [o for c in nb.cells for o in c.get("outputs", [])
-                      if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
-    assert widget_outputs, "the PromptBuilder did not display"
+    nb = run_notebook("01_prompt_builder.ipynb")
+    assert shows_a_widget(nb), "the PromptBuilder did not display"
     text = outputs_text(nb)
     assert "trained: '" in text and "<|im_end|>'" in text
     assert "zero-shot:" in text and "few-shot:" in text and "95% CI" in text
@@ -56,12 +60,8 @@ def test_prompt_builder_notebook_runs_shows_the_widget_and_scores(default_model_
 
 @pytest.mark.slow
 def test_layer_picker_notebook_runs_and_reports(default_model_folder):
-    path = NOTEBOOKS / "02_layer_picker.ipynb"
-    nb = nbformat.read(str(path), as_version=4)
-    NotebookClient(nb, timeout=600, kernel_name="sftkit",
-                   resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
-    assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {})
-               for c in nb.cells for o in c.get("outputs", []))
+    nb = run_notebook("02_layer_picker.ipynb")
+    assert shows_a_widget(nb), "the LayerPicker did not display"
     text = outputs_text(nb)
     assert "30 blocks under model.layers" in text and "LoraConfig" in text
     assert "freeze_tuning(top 4)" in text and "activations: estimated" in text
