@@ -10,6 +10,7 @@ from sftkit.core.lazy import lazy_attributes
 _LAZY = {
     "PromptBuilder": ("sftkit.ui.prompt_builder", "PromptBuilder"),
     "LayerPicker": ("sftkit.ui.layer_picker", "LayerPicker"),
+    "AttentionView": ("sftkit.ui.attention_view", "AttentionView"),
 }
 __all__ = list(_LAZY)
 

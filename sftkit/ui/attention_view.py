@@ -1,0 +1,174 @@
+"""AttentionView: an overview of every layer x head, one head's heatmap, and a row view.
+
+A thin view over ``sftkit.engine.attention`` (AttentionCapture / AttentionDiff) and the
+figure builders in ``sftkit.ui.figures``. Only the slice on screen goes to the browser: at
+most ``max_window`` x ``max_window`` float32 values (256 x 256: about 350 kB of JSON), whatever
+the prompt length.
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+import ipywidgets as W
+import numpy as np
+import plotly.graph_objects as go
+
+from ..engine.attention import AttentionCapture, AttentionDiff
+from . import figures
+
+
+class AttentionView:
+    """Explore a capture (``capture_attention``) or a difference (``adapter_diff``, ``diff_captures``).
+
+    Click a grid cell to open that head; move the layer/head controls, the token window,
+    and the query row ("what does token i attend to").
+    """
+
+    def __init__(self, data: AttentionCapture | AttentionDiff, *, max_window: int = 256):
+        self.data = data
+        self.diff = isinstance(data, AttentionDiff)
+        cap = data.after if self.diff else data
+        self.capture = cap
+        self.max_window = max_window
+        T, H = cap.n_tokens, cap.n_heads
+        options = (["change"] if self.diff else []) + cap.available_summaries()
+        self.summary = W.Dropdown(options=options, value=options[0], description="Colour by")
+        self.layer = W.SelectionSlider(options=cap.layers, value=cap.layers[0], description="Layer")
+        self.head = W.Dropdown(options=[(f"head {h}", h) for h in range(H)] + [("mean of heads", "mean"),
+                                                                               ("max of heads", "max")],
+                               value=0, description="Head")
+        size = min(T, max_window)
+        self.window_size = W.IntSlider(value=size, min=min(8, size), max=size, description="Window",
+                                       tooltip="tokens shown (long prompts: move the start)")
+        self.window_start = W.IntSlider(value=max(0, T - size), min=0, max=max(0, T - size), description="From token",
+                                        style={"description_width": "initial"})
+        self.query = W.IntSlider(value=T - 1, min=0, max=T - 1, description="Row: token",
+                                 style={"description_width": "initial"})
+        self.info = W.HTML()
+        self.cells: dict[tuple[int, int], W.Button] = {}
+        rows = [W.HBox([W.Label("layer", layout=W.Layout(width="44px"))] +
+                       [W.Label(f"h{h}", layout=W.Layout(width="46px")) for h in range(H)],
+                       layout=W.Layout(flex="0 0 auto"))]
+        for layer in cap.layers:
+            row = [W.Label(str(layer), layout=W.Layout(width="44px"))]
+            for h in range(H):
+                b = W.Button(layout=W.Layout(width="46px", height="20px", margin="1px"))
+                b.on_click(lambda _, layer=layer, h=h: self.select(layer, h))
+                self.cells[(layer, h)] = b
+                row.append(b)
+            rows.append(W.HBox(row, layout=W.Layout(flex="0 0 auto", min_height="22px")))
+        self.grid = W.VBox(rows, layout=W.Layout(max_height="420px", overflow_y="auto"))
+        self.heatmap = go.FigureWidget(figures.heatmap_figure(np.zeros((1, 1)), ["0"], diverging=self.diff))
+        self.row_plot = go.FigureWidget(figures.row_figure(np.zeros(1), ["0"], diverging=self.diff))
+
+        self.summary.observe(lambda _: self.refresh_grid(), names="value")
+        for w in (self.layer, self.head, self.window_start, self.query):
+            w.observe(lambda _: self.refresh_map(), names="value")
+        self.window_size.observe(self._resize, names="value")
+
+        title = ("Attention change: " + html.escape(f"{data.before.label or 'before'} \u2192 {data.after.label or 'after'}")
+                 if self.diff else "Attention" + (f": {html.escape(cap.label)}" if cap.label else ""))
+        self.widget = W.VBox([
+            W.HTML(f"<b>{title}</b> &middot; {T} tokens, {len(cap.layers)} layers x {H} heads"),
+            W.HBox([W.VBox([self.summary, self.grid]), W.VBox([
+                W.HBox([self.layer, self.head]), W.HBox([self.window_start, self.window_size]),
+                self.heatmap, self.query, self.row_plot, self.info])]),
+        ])
+        self.refresh_grid()
+        self.refresh_map()
+
+    def _ipython_display_(self):
+        from IPython.display import display
+
+        display(self.widget)
+
+    # ---- state -------------------------------------------------------------------------
+    @property
+    def window(self) -> tuple[int, int]:
+        start = int(self.window_start.value)
+        return start, min(self.capture.n_tokens, start + int(self.window_size.value))
+
+    def grid_values(self) -> np.ndarray:
+        if self.summary.value == "change":
+            return self.data.change()
+        if self.diff:
+            return self.data.after.summary(self.summary.value) - self.data.before.summary(self.summary.value)
+        return self.capture.summary(self.summary.value)
+
+    def shown_map(self) -> np.ndarray:
+        """The matrix the heatmap shows now (the window of the chosen layer and head)."""
+        return self.data.head(self.layer.value, self.head.value, self.window)
+
+    def select(self, layer: int, head: int | str) -> None:
+        """What a grid click does: open that layer and head."""
+        with self.heatmap.batch_update():
+            self.layer.value = layer
+            self.head.value = head
+        self.refresh_map()
+
+    def _resize(self, change) -> None:
+        T = self.capture.n_tokens
+        self.window_start.max = max(0, T - int(change["new"]))
+        self.refresh_map()
+
+    # ---- rendering --------------------------------------------------------------------
+    def refresh_grid(self) -> None:
+        values = self.grid_values()
+        diverging = self.diff and self.summary.value != "change"
+        lo, hi = float(values.min()), float(values.max())
+        for (layer, h), b in self.cells.items():
+            v = float(values[self.capture.layers.index(layer), h])
+            b.style.button_color = figures.colour_of(v, lo, hi, diverging)
+            b.tooltip = f"layer {layer}, head {h}: {self.summary.value} {v:.3f}"
+            b.description = f"{v:.2f}"
+            b.style.text_color = "#ffffff" if not diverging and (hi <= lo or (v - lo) / (hi - lo) < 0.5) else "#111111"
+
+    def refresh_map(self) -> None:
+        lo, hi = self.window
+        m = self.shown_map()
+        labels = figures.token_labels(self.capture.tokens[lo:hi], start=lo)
+        q = int(self.query.value)
+        head = self.head.value
+        name = f"head {head}" if isinstance(head, int) else f"{head} of heads"
+        with self.heatmap.batch_update():
+            t = self.heatmap.data[0]
+            t.z, t.x, t.y = m, labels, labels
+            self.heatmap.layout.title.text = f"layer {self.layer.value}, {name}, tokens {lo}-{hi - 1}"
+        full = self.data.head(self.layer.value, head)  # one row of the full map
+        row = full[q, lo:hi]
+        with self.row_plot.batch_update():
+            self.row_plot.data[0].x = labels
+            self.row_plot.data[0].y = row
+            if self.diff:
+                self.row_plot.data[0].marker.color = np.where(row >= 0, "#2563eb", "#dc2626")
+            self.row_plot.layout.title.text = (f"what token {q} ({html.escape(self.capture.tokens[q].text[:20])!s}) "
+                                               f"attends to")
+        self.info.value = (f'<span style="color:#6b7280">showing {hi - lo} x {hi - lo} of '
+                           f"{self.capture.n_tokens} x {self.capture.n_tokens}; the token window moves "
+                           "through long prompts</span>")
+
+    # ---- static export --------------------------------------------------------------------
+    def figures(self) -> list[go.Figure]:
+        """Plain figures of what is on screen: the grid, the head map and the row."""
+        diverging = self.diff and self.summary.value != "change"
+        return [figures.grid_figure(self.grid_values(), self.capture.layers, title=f"{self.summary.value} per head",
+                                    diverging=diverging),
+                go.Figure(self.heatmap), go.Figure(self.row_plot)]
+
+    def snapshot(self) -> None:
+        """Display static copies, so a saved notebook still shows them without a kernel."""
+        from IPython.display import display
+
+        for fig in self.figures():
+            display(fig)
+
+    def export_html(self, path: str | Path) -> Path:
+        """One self-contained HTML file (plotly.js inside, works offline)."""
+        path = Path(path)
+        parts = [f.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, f in enumerate(self.figures())]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("<html><head><meta charset='utf-8'></head><body>" + "".join(parts) + "</body></html>",
+                        encoding="utf-8")
+        return path
