@@ -135,6 +135,60 @@ NOTEBOOKS["02_layer_picker.ipynb"] = [
          'print(f"activations: estimated {est.activations / 2**20:.1f} MiB, measured {m.activations / 2**20:.1f} MiB")'),
 ]
 
+NOTEBOOKS["03_attention.ipynb"] = [
+    md("# 3. Look inside: attention maps\n\n"
+       "Each layer has several attention **heads**; each head decides, for every token, how much to look "
+       "at every earlier token. The grid on the left colours every layer x head by a summary (how spread "
+       "out it is, how much it looks at the first token or at the previous one, or at the parts of the "
+       "prompt). Click a cell to open that head's map; the row plot shows what one token attends to."),
+    code("import sftkit\n"
+         "from sftkit.engine.attention import capture_row, adapter_diff\n"
+         "from sftkit.ui import AttentionView\n\n"
+         'model, tokenizer = sftkit.load_model("default")\n'
+         'task = sftkit.teaching_task("dates")\n'
+         "rows = task.rows()\n"
+         "template = task.template.with_examples(rows[:2])\n"
+         "capture = capture_row(model, tokenizer, template, rows[100])\n"
+         'print(capture.n_tokens, "tokens,", capture.probs.shape[0], "layers x", capture.n_heads, "heads")'),
+    code("view = AttentionView(capture)\nview"),
+    md("Try *Colour by: answer*: which heads does the answer look at the question with? And *sink*: many "
+       "heads park their attention on the first token when they have nothing better to do."),
+    md("## What did fine-tuning change?\n\n"
+       "A few steps of LoRA on the dates task (written out by hand here; the run launcher does this "
+       "properly), then the same prompt through the base model (adapter off) and the adapter (on)."),
+    code("import torch\n"
+         "from sftkit.engine.freeze import FreezePlan\n\n"
+         "anatomy = sftkit.inspect_model(model)\n"
+         'peft_model = FreezePlan.preset("lora_attention", anatomy, rank=8).apply(model, anatomy)\n'
+         "opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-3)\n\n"
+         "def batch(examples):\n"
+         "    rendered = [task.template.render(r, tokenizer) for r in examples]\n"
+         "    n = max(r.n_tokens for r in rendered)\n"
+         "    pad = tokenizer.pad_token_id\n"
+         "    ids = torch.tensor([r.input_ids + [pad] * (n - r.n_tokens) for r in rendered])\n"
+         "    labels = torch.tensor([r.labels + [-100] * (n - r.n_tokens) for r in rendered])\n"
+         "    mask = torch.tensor([[1] * r.n_tokens + [0] * (n - r.n_tokens) for r in rendered])\n"
+         "    return dict(input_ids=ids, labels=labels, attention_mask=mask)\n\n"
+         "peft_model.train()\n"
+         "for step in range(12):\n"
+         "    loss = peft_model(**batch(rows[200 + 4 * step: 204 + 4 * step]), use_cache=False).loss\n"
+         "    loss.backward(); opt.step(); opt.zero_grad()\n"
+         "    if step % 4 == 0 or step == 11:\n"
+         '        print(f"step {step}: loss {loss.item():.3f}")'),
+    code("rendered = template.render(rows[100], tokenizer)\n"
+         "diff = adapter_diff(peft_model, tokenizer, input_ids=rendered.input_ids, segments=rendered.segments)\n"
+         "change = diff.change()\n"
+         "top = sorted(((change[l, h], l, h) for l in range(change.shape[0]) for h in range(change.shape[1])), reverse=True)[:5]\n"
+         'print("heads that moved most (layer, head, change):", [(l, h, round(float(c), 4)) for c, l, h in top])\n'
+         "diff_view = AttentionView(diff)\n"
+         "diff_view"),
+    md("## A static copy for the saved notebook\n\n"
+       "Widgets need a running kernel; `snapshot()` leaves plain figures that stay in the saved file, and "
+       "`export_html` writes one offline HTML file."),
+    code("diff_view.snapshot()\n"
+         'print(diff_view.export_html("exports/attention_diff.html"))'),
+]
+
 out_dir = Path(__file__).resolve().parents[1] / "notebooks"
 for name, nb_cells in NOTEBOOKS.items():
     for i, cell in enumerate(nb_cells):

@@ -96,3 +96,24 @@ def test_layer_picker_renders_and_a_click_changes_the_count(lab, page, tmp_path)
     cell.click()
     panel.locator(".sftkit-counters", has_text="1,876,992").first.wait_for(timeout=30_000)  # + 16 x (576+1536)
     page.screenshot(path=str(tmp_path / "picker.png"))
+
+
+def test_attention_view_renders_heatmap_and_a_grid_click_opens_a_head(lab, page, tmp_path):  # noqa: F811
+    page.goto(f"{lab['base']}/lab/workspaces/attention-test/tree/03_attention.ipynb?reset&token={lab['token']}",
+              timeout=60_000)
+    panel = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden)")
+    panel.locator(".jp-Toolbar-kernelName", has_text="sftkit (Python 3)").first.wait_for(timeout=60_000)
+    page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").first.wait_for(timeout=60_000)
+    # run the first three cells only (capture + view): select the first cell, then Run > Run Selected...
+    panel.locator(".jp-Cell").nth(1).click()
+    page.keyboard.press("Shift+Enter")
+    page.keyboard.press("Shift+Enter")
+    plot = panel.locator(".js-plotly-plot").first
+    plot.wait_for(timeout=120_000)
+    panel.locator(".gtitle", has_text="layer 0, head 0").first.wait_for(timeout=60_000)
+    cell = panel.locator("button[title^='layer 12, head 4:']").first
+    cell.scroll_into_view_if_needed()
+    cell.click()
+    panel.locator(".gtitle", has_text="layer 12, head 4").first.wait_for(timeout=30_000)
+    assert panel.locator(".js-plotly-plot .heatmaplayer image, .js-plotly-plot .hm").count() >= 1
+    page.screenshot(path=str(tmp_path / "attention.png"))

@@ -65,3 +65,14 @@ def test_layer_picker_notebook_runs_and_reports(default_model_folder):
     text = outputs_text(nb)
     assert "30 blocks under model.layers" in text and "LoraConfig" in text
     assert "freeze_tuning(top 4)" in text and "activations: estimated" in text
+
+
+@pytest.mark.slow
+def test_attention_notebook_runs_trains_and_diffs(default_model_folder):
+    nb = run_notebook("03_attention.ipynb")
+    assert shows_a_widget(nb), "the AttentionView did not display"
+    text = outputs_text(nb)
+    assert "30 layers x 9 heads" in text and "step 11: loss" in text
+    assert "heads that moved most" in text and "attention_diff.html" in text
+    assert any("application/vnd.plotly.v1+json" in o.get("data", {})
+               for c in nb.cells for o in c.get("outputs", [])), "no static figure was left"

@@ -122,7 +122,7 @@ class AttentionView:
             v = float(values[self.capture.layers.index(layer), h])
             b.style.button_color = figures.colour_of(v, lo, hi, diverging)
             b.tooltip = f"layer {layer}, head {h}: {self.summary.value} {v:.3f}"
-            b.description = f"{v:.2f}"
+            b.description = f"{v:.2f}".replace("0.", ".", 1)  # ".52" fits the cell
             b.style.text_color = "#ffffff" if not diverging and (hi <= lo or (v - lo) / (hi - lo) < 0.5) else "#111111"
 
     def refresh_map(self) -> None:
@@ -143,8 +143,8 @@ class AttentionView:
             self.row_plot.data[0].y = row
             if self.diff:
                 self.row_plot.data[0].marker.color = np.where(row >= 0, "#2563eb", "#dc2626")
-            self.row_plot.layout.title.text = (f"what token {q} ({html.escape(self.capture.tokens[q].text[:20])!s}) "
-                                               f"attends to")
+            token = figures.token_labels([self.capture.tokens[q]], start=q)[0]
+            self.row_plot.layout.title.text = f"what token {html.escape(token)} attends to"
         self.info.value = (f'<span style="color:#6b7280">showing {hi - lo} x {hi - lo} of '
                            f"{self.capture.n_tokens} x {self.capture.n_tokens}; the token window moves "
                            "through long prompts</span>")
