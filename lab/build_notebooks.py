@@ -20,7 +20,7 @@ cells = [
        "GPU it uses QLoRA: 4-bit NF4 weights with bf16 compute."),
     code("print(sftkit.plan_load().describe())"),
     md("## 3. Load the model\n\n"
-       "The first load converts the bundled GGUF file to a fast cache (about half a minute, "
+       "The first load converts the bundled GGUF file to a fast cache (about 40 s on a laptop CPU, "
        "once); after that it loads in well under a second. `load_model` returns "
        "`(model, tokenizer)`, and `.report` says what it did."),
     code('loaded = sftkit.load_model("default")\n'

@@ -145,7 +145,7 @@ def run_doctor() -> DoctorReport:
         else:
             checks.append(Check(
                 "default model", "warn",
-                f"{DEFAULT_MODEL_NAME} installed but not converted yet (first load takes ~25 s)",
+                f"{DEFAULT_MODEL_NAME} installed but not converted yet (the first load converts it: about 40 s)",
                 "sftkit prepare",
             ))
     return DoctorReport(tuple(checks))

@@ -1,7 +1,7 @@
 """Convert a GGUF file once into a safetensors model folder under the sftkit cache.
 
-transformers de-quantizes GGUF tensors to fp32 on every load (about 25 s for the
-default model here). A model loaded from GGUF can't be ``save_pretrained`` as is
+transformers de-quantizes GGUF tensors to fp32 on every load (about 23 s for the
+default model on a 2-core CPU; 40 s with the conversion's save). A model loaded from GGUF can't be ``save_pretrained`` as is
 (its config still says ``quant_method: gguf``), so the conversion builds a fresh
 model from the cleaned config, loads the state dict, and saves that. Later loads
 read the cached folder (about 0.3 s).
@@ -100,7 +100,7 @@ def convert_gguf(path: str | Path, *, progress=None) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     started = time.perf_counter()
     if progress:
-        progress(f"Converting {path.name} to a safetensors cache (once; about half a minute)...")
+        progress(f"Converting {path.name} to a safetensors cache (once; about 40 s on a 2-core CPU)...")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         loaded = AutoModelForCausalLM.from_pretrained(
