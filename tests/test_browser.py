@@ -26,6 +26,21 @@ def page():
             browser.close()
 
 
+def open_alone(page, lab, notebook: str, workspace: str):  # noqa: F811
+    """Open ``notebook`` in a fresh workspace (so every indicator is its own) and wait for its kernel."""
+    page.goto(f"{lab['base']}/lab/workspaces/{workspace}/tree/{notebook}?reset&token={lab['token']}", timeout=60_000)
+    panel = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden)")
+    panel.locator(".jp-Toolbar-kernelName", has_text="sftkit (Python 3)").first.wait_for(timeout=60_000)
+    panel.locator(".jp-Cell").first.wait_for(timeout=60_000)
+    page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").first.wait_for(timeout=60_000)
+    return panel
+
+
+def run_all(page):
+    page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
+    page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
+
+
 def test_start_notebook_opens_in_the_sftkit_kernel_and_runs(lab, page, tmp_path):  # noqa: F811
     page.goto(f"{lab['base']}/lab?token={lab['token']}", timeout=60_000)
     # The workspace opens the start notebook.
@@ -53,15 +68,8 @@ def _cuda() -> bool:
 
 
 def test_prompt_builder_renders_updates_as_you_type_and_answers(lab, page, tmp_path):  # noqa: F811
-    # A fresh workspace holding only this notebook, so every indicator on the page is its own.
-    page.goto(f"{lab['base']}/lab/workspaces/builder-test/tree/01_prompt_builder.ipynb?reset&token={lab['token']}",
-              timeout=60_000)
-    panel = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden)")  # the tab in front
-    panel.locator(".jp-Toolbar-kernelName", has_text="sftkit (Python 3)").first.wait_for(timeout=60_000)
-    panel.locator(".jp-Cell").first.wait_for(timeout=60_000)
-    page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").first.wait_for(timeout=60_000)
-    page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
-    page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
+    panel = open_alone(page, lab, "01_prompt_builder.ipynb", "builder-test")
+    run_all(page)
     try:
         panel.locator(".sftkit-tok").first.wait_for(timeout=120_000)
     except Exception:
@@ -80,13 +88,8 @@ def test_prompt_builder_renders_updates_as_you_type_and_answers(lab, page, tmp_p
 
 
 def test_layer_picker_renders_and_a_click_changes_the_count(lab, page, tmp_path):  # noqa: F811
-    page.goto(f"{lab['base']}/lab/workspaces/picker-test/tree/02_layer_picker.ipynb?reset&token={lab['token']}",
-              timeout=60_000)
-    panel = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden)")
-    panel.locator(".jp-Toolbar-kernelName", has_text="sftkit (Python 3)").first.wait_for(timeout=60_000)
-    page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").first.wait_for(timeout=60_000)
-    page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
-    page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
+    panel = open_alone(page, lab, "02_layer_picker.ipynb", "picker-test")
+    run_all(page)
     counters = panel.locator(".sftkit-counters").first
     counters.wait_for(timeout=120_000)
     assert "1,843,200" in counters.inner_text()  # LoRA r=16 on attention of SmolLM2-135M
@@ -99,12 +102,8 @@ def test_layer_picker_renders_and_a_click_changes_the_count(lab, page, tmp_path)
 
 
 def test_attention_view_renders_heatmap_and_a_grid_click_opens_a_head(lab, page, tmp_path):  # noqa: F811
-    page.goto(f"{lab['base']}/lab/workspaces/attention-test/tree/03_attention.ipynb?reset&token={lab['token']}",
-              timeout=60_000)
-    panel = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden)")
-    panel.locator(".jp-Toolbar-kernelName", has_text="sftkit (Python 3)").first.wait_for(timeout=60_000)
-    page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").first.wait_for(timeout=60_000)
-    # run the first three cells only (capture + view): select the first cell, then Run > Run Selected...
+    panel = open_alone(page, lab, "03_attention.ipynb", "attention-test")
+    # run the capture and view cells only
     panel.locator(".jp-Cell").nth(1).click()
     page.keyboard.press("Shift+Enter")
     page.keyboard.press("Shift+Enter")
