@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from ..core.errors import ModelNotFoundError, ModelOfflineError, QuantizationUnavailableError
+from ..core.errors import ModelNotFoundError, ModelOfflineError
 from ..core.modelspec import ModelSource, resolve_model_spec
 from ..core.policy import LoadPlan, decide_load_plan
 from . import gguf_cache
-from .hardware import import_bitsandbytes, probe_hardware
+from .hardware import probe_hardware
 
 
 @dataclass(frozen=True)
@@ -195,16 +195,6 @@ def load_model(
     started = time.perf_counter()
     source = resolve_model_spec(spec)
     plan = plan_load(quantization, device, dtype, attn_implementation)
-    if plan.quantization in ("4bit", "8bit"):
-        try:
-            import_bitsandbytes()
-        except ImportError as exc:
-            raise QuantizationUnavailableError(
-                f"quantization='{plan.quantization}' needs bitsandbytes, which fails to import "
-                f"({exc}). Install it with `pip install 'bitsandbytes>=0.48'`, or use "
-                "quantization='none'."
-            ) from exc
-
     converted = False
     if source.is_gguf:
         folder = gguf_cache.cached_folder(source.location)
@@ -239,14 +229,4 @@ def prepare_default_model(progress=print) -> Path:
     return Path(folder)
 
 
-def default_model_status() -> dict:
-    """Whether the default model's package is installed and whether its cache exists."""
-    from ..core.modelspec import find_default_gguf
-
-    gguf = find_default_gguf()
-    cached = gguf_cache.cached_folder(gguf) if gguf else None
-    return {"gguf": str(gguf) if gguf else None, "cache": str(cached) if cached else None}
-
-
-__all__ = ["load_model", "plan_load", "LoadedModel", "LoadReport", "prepare_default_model",
-           "default_model_status"]
+__all__ = ["load_model", "plan_load", "LoadedModel", "LoadReport", "prepare_default_model"]
