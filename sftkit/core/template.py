@@ -199,9 +199,9 @@ class Template:
         if not end_of_turn and getattr(tokenizer, "eos_token", None):
             end_of_turn = tokenizer.eos_token  # templates that don't close the turn: train EOS
         pieces = [("prompt", prompt), ("answer", answer), ("end", end_of_turn), ("other", trailing)]
-        ids: list[int] = []
-        roles: list[str] = []
-        for role, text in pieces:
+        ids, prompt_offsets = _encode_prompt(tokenizer, prompt)
+        roles: list[str] = ["prompt"] * len(ids)
+        for role, text in pieces[1:]:
             if not text:
                 continue
             piece_ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -212,7 +212,7 @@ class Template:
             mask = [1] * len(ids)
         else:
             mask = [1 if r in ("answer", "end") else 0 for r in roles]
-        segments = _prompt_segments(self, row, tokenizer, prompt, prompt_len, with_examples) + _role_segments(roles)
+        segments = _prompt_segments(self, row, prompt, prompt_offsets, prompt_len, with_examples) + _role_segments(roles)
         full_length = len(ids)
         end_positions = [i for i, r in enumerate(roles) if r == "end"]
         end_trained = bool(end_positions) and end_positions[-1] < self.max_length and all(
@@ -404,16 +404,24 @@ def _role_segments(roles: list[str]) -> list[Segment]:
     return segs
 
 
-def _prompt_segments(tpl: Template, row: dict, tokenizer, prompt: str, prompt_len: int,
+def _encode_prompt(tokenizer, prompt: str) -> tuple[list[int], list | None]:
+    """The prompt's ids and, from a fast tokenizer, its character offsets (one pass)."""
+    if not prompt:
+        return [], None
+    try:
+        enc = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+        return list(enc["input_ids"]), list(enc["offset_mapping"])
+    except (NotImplementedError, ValueError, TypeError):  # slow tokenizers have no offsets
+        return list(tokenizer(prompt, add_special_tokens=False)["input_ids"]), None
+
+
+def _prompt_segments(tpl: Template, row: dict, prompt: str, offsets: list | None, prompt_len: int,
                      with_examples: bool) -> list[Segment]:
     """Token spans of the system prompt, each few-shot example and the final user turn.
 
     Needs a fast tokenizer's offsets; without them the prompt is one "prompt" span.
     """
-    try:
-        enc = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
-        offsets = enc["offset_mapping"]
-    except Exception:
+    if offsets is None:
         return [Segment("prompt", 0, prompt_len)] if prompt_len else []
     spans: list[tuple[str, int, int]] = []  # role, char start, char end
     pos = 0
