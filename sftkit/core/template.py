@@ -53,6 +53,16 @@ def placeholders(pattern: str) -> list[str]:
     return names
 
 
+def check_pattern_columns(pattern: str, columns: Sequence[str]) -> None:
+    """Every placeholder of ``pattern`` must be one of ``columns``; the error names it and lists them."""
+    for name in placeholders(pattern):
+        if name not in columns:
+            raise TemplateError(
+                f"placeholder {{{name}}} in user_pattern is not a column of the data; "
+                f"columns: {', '.join(columns) or '(none)'}"
+            )
+
+
 @dataclass(frozen=True)
 class Segment:
     """A token range of a rendered example with a role: system, example, user, answer, end, other."""
@@ -238,12 +248,7 @@ class Template:
     def check_columns(self, columns: Iterable[str]) -> None:
         """Every placeholder and the answer field must be columns of the data."""
         columns = list(columns)
-        for name in self.input_fields:
-            if name not in columns:
-                raise TemplateError(
-                    f"placeholder {{{name}}} in user_pattern is not a column of the data; "
-                    f"columns: {', '.join(columns) or '(none)'}"
-                )
+        check_pattern_columns(self.user_pattern, columns)
         if self.answer_field not in columns:
             raise TemplateError(
                 f"answer_field {self.answer_field!r} is not a column of the data; "

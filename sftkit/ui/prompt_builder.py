@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import ipywidgets as W
 
 from ..core.data import load_rows
-from ..core.template import Template, TemplateError
+from ..core.template import Template, TemplateError, check_pattern_columns, placeholders
 from ..core.tokens import readable_tokens
 from . import render
 
@@ -125,8 +125,6 @@ class PromptBuilder:
     # ---- the template the controls describe ------------------------------------------
     def _fields(self) -> list[str]:
         try:
-            from ..core.template import placeholders
-
             names = placeholders(self.pattern.value)
         except TemplateError:
             names = []
@@ -134,12 +132,7 @@ class PromptBuilder:
 
     def build_template(self) -> Template:
         """The Template the controls describe; raises TemplateError when they don't make one."""
-        from ..core.template import placeholders
-
-        for name in placeholders(self.pattern.value):
-            if name not in self.columns:
-                raise TemplateError(f"placeholder {{{name}}} in user_pattern is not a column of the data; "
-                                    f"columns: {', '.join(self.columns)}")
+        check_pattern_columns(self.pattern.value, self.columns)  # before the examples' own check
         return Template(
             user_pattern=self.pattern.value,
             answer_field=self.answer_field.value,
