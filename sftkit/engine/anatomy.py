@@ -79,6 +79,11 @@ class Anatomy:
     def total_params(self) -> int:
         return sum(p.numel for p in self.params.values())
 
+    def linear_by_name(self, name: str) -> LinearInfo:
+        if not hasattr(self, "_by_name"):
+            self._by_name = {li.name: li for li in self.linear.values()}
+        return self._by_name[name]
+
     def module_name(self, block: int, column: str) -> str:
         return f"{self.block_path}.{block}.{column}"
 
@@ -147,7 +152,7 @@ def _kind_from_path(path: str) -> str:
     return "other"
 
 
-def _find_blocks(base: nn.Module) -> tuple[str, nn.ModuleList]:
+def find_blocks(base: nn.Module) -> tuple[str, nn.ModuleList]:
     best = None
     for name, mod in base.named_modules():
         if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
@@ -173,7 +178,7 @@ def _config_int(cfg, *names, default=0) -> int:
 def inspect_model(model) -> Anatomy:
     """Discover the anatomy of a loaded causal LM (peft-wrapped or 4-bit too)."""
     base = base_model_of(model)
-    block_path, blocks = _find_blocks(base)
+    block_path, blocks = find_blocks(base)
     modules = dict(base.named_modules())
     in_emb = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
     out_emb = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..core.template import Segment
 from ..core.tokens import TokenPiece, readable_tokens
-from .anatomy import base_model_of, inspect_model
+from .anatomy import base_model_of, find_blocks
 
 SUMMARIES = ("entropy", "sink", "previous", "system", "example", "user", "answer")
 
@@ -121,9 +121,7 @@ def eager_attention(model):
 
 def _attention_modules(model) -> list:
     """The attention module of every block, in order (found by path, not by model type)."""
-    base = base_model_of(model)
-    anatomy = inspect_model(model)
-    blocks = base.get_submodule(anatomy.block_path)
+    _, blocks = find_blocks(base_model_of(model))
     mods = []
     for block in blocks:
         found = None

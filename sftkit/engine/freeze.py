@@ -176,7 +176,7 @@ class FreezePlan:
             raise PlanError(f"module(s) {', '.join(overlap[:3])} are both LoRA-adapted and fully trained; pick one")
         count = 0
         for name in self.lora_modules:
-            li = next(v for v in anatomy.linear.values() if v.name == name)
+            li = anatomy.linear_by_name(name)
             count += self.rank * (li.in_features + li.out_features)
         saved_params = {n for m in save for n in anatomy.params_of_module(m)}
         count += sum(anatomy.params[n].numel for n in saved_params)
