@@ -64,6 +64,16 @@ class AttentionCapture:
             m = block[int(head), lo:hi, lo:hi].astype(np.float32)
         return m
 
+    def row(self, layer: int, head: int | str, query: int, window: tuple[int, int] | None = None) -> np.ndarray:
+        """What token ``query`` attends to (one row of ``head``), over the window's keys."""
+        lo, hi = window or (0, self.n_tokens)
+        rows = self.probs[self.layer_index(layer)][:, query, lo:hi].astype(np.float32)
+        if head == "mean":
+            return rows.mean(axis=0)
+        if head == "max":
+            return rows.max(axis=0)
+        return rows[int(head)]
+
     def span(self, role: str) -> list[tuple[int, int]]:
         return [(s.start, s.end) for s in self.segments if s.role == role or (role == "answer" and s.role == "end")]
 
@@ -220,6 +230,16 @@ class AttentionDiff:
             idx = np.abs(sl).argmax(axis=0)
             return np.take_along_axis(sl, idx[None], axis=0)[0]
         return d[int(head), lo:hi, lo:hi]
+
+    def row(self, layer: int, head: int | str, query: int, window: tuple[int, int] | None = None) -> np.ndarray:
+        d = self.delta[self.after.layer_index(layer)]
+        lo, hi = window or (0, d.shape[-1])
+        rows = d[:, query, lo:hi]
+        if head == "mean":
+            return rows.mean(axis=0)
+        if head == "max":
+            return np.take_along_axis(rows, np.abs(rows).argmax(axis=0)[None], axis=0)[0]
+        return rows[int(head)]
 
     def change(self) -> np.ndarray:
         """Per layer x head: mean over query tokens of the total variation distance between

@@ -64,8 +64,9 @@ class AttentionView:
         self.row_plot = go.FigureWidget(figures.row_figure(np.zeros(1), ["0"], diverging=self.diff))
 
         self.summary.observe(lambda _: self.refresh_grid(), names="value")
-        for w in (self.layer, self.head, self.window_start, self.query):
+        for w in (self.layer, self.head, self.window_start):
             w.observe(lambda _: self.refresh_map(), names="value")
+        self.query.observe(lambda _: self.refresh_row(), names="value")  # the heatmap stays as it is
         self.window_size.observe(self._resize, names="value")
 
         title = ("Attention change: " + html.escape(f"{data.before.label or 'before'} \u2192 {data.after.label or 'after'}")
@@ -129,15 +130,23 @@ class AttentionView:
         lo, hi = self.window
         m = self.shown_map()
         labels = figures.token_labels(self.capture.tokens[lo:hi], start=lo)
-        q = int(self.query.value)
         head = self.head.value
         name = f"head {head}" if isinstance(head, int) else f"{head} of heads"
         with self.heatmap.batch_update():
             t = self.heatmap.data[0]
             t.z, t.x, t.y = m, labels, labels
             self.heatmap.layout.title.text = f"layer {self.layer.value}, {name}, tokens {lo}-{hi - 1}"
-        full = self.data.head(self.layer.value, head)  # one row of the full map
-        row = full[q, lo:hi]
+        self.refresh_row(labels)
+        self.info.value = (f'<span style="color:#6b7280">showing {hi - lo} x {hi - lo} of '
+                           f"{self.capture.n_tokens} x {self.capture.n_tokens}; the token window moves "
+                           "through long prompts</span>")
+
+    def refresh_row(self, labels: list[str] | None = None) -> None:
+        """The row view: what the chosen query token attends to, over the window's keys."""
+        lo, hi = self.window
+        labels = labels or figures.token_labels(self.capture.tokens[lo:hi], start=lo)
+        q = int(self.query.value)
+        row = self.data.row(self.layer.value, self.head.value, q, self.window)
         with self.row_plot.batch_update():
             self.row_plot.data[0].x = labels
             self.row_plot.data[0].y = row
@@ -145,9 +154,6 @@ class AttentionView:
                 self.row_plot.data[0].marker.color = np.where(row >= 0, "#2563eb", "#dc2626")
             token = figures.token_labels([self.capture.tokens[q]], start=q)[0]
             self.row_plot.layout.title.text = f"what token {html.escape(token)} attends to"
-        self.info.value = (f'<span style="color:#6b7280">showing {hi - lo} x {hi - lo} of '
-                           f"{self.capture.n_tokens} x {self.capture.n_tokens}; the token window moves "
-                           "through long prompts</span>")
 
     # ---- static export --------------------------------------------------------------------
     def figures(self) -> list[go.Figure]:
