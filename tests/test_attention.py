@@ -182,3 +182,21 @@ def test_slice_payload_is_bounded_for_long_prompts(tiny):
     view = AttentionView(capture_attention(model, tok, input_ids=ids))
     payload = len(pio.to_json(view.heatmap.data[0].to_plotly_json())) + len(pio.to_json(view.row_plot.data[0].to_plotly_json()))
     assert payload < 1_000_000
+
+
+@pytest.mark.slow
+def test_default_model_adapter_diff(default_model_folder):
+    model, tok = sftkit.load_model("default")
+    a = inspect_model(model)
+    peft_model = FreezePlan.preset("lora_attention", a, rank=8).apply(model, a)
+    assert np.all(adapter_diff(peft_model, tok, TEXT).delta == 0)
+    peft_model.train()
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.tensor([tok(TEXT, add_special_tokens=False)["input_ids"]])
+    peft_model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    opt.step()
+    d = adapter_diff(peft_model, tok, TEXT)
+    assert d.change().shape == (30, 9) and d.change().max() > 0
+    with adapter_disabled(peft_model):
+        base = capture_attention(peft_model, tok, TEXT)
+    assert np.all(diff_captures(base, d.before).delta == 0)

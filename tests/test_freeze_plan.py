@@ -179,3 +179,19 @@ def test_4bit_weight_estimate_matches_the_loaded_footprint(default_model_folder)
     est = FreezePlan.preset("lora_attention", a).memory_estimate(a, weights="4bit")
     lora_bytes = FreezePlan.preset("lora_attention", a).trainable_params(a) * 4
     assert est.weights - lora_bytes == pytest.approx(q.report.footprint_bytes, rel=0.03)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset,top_n", [("lora_attention", None), ("lora_all_linear", None), ("lora_top_blocks", 8),
+                                          ("freeze_tuning", 4), ("bitfit", None)])
+def test_every_preset_on_the_default_model(default_model_folder, preset, top_n):
+    model = sftkit.load_model("default").model
+    a = inspect_model(model)
+    plan = FreezePlan.preset(preset, a, top_n=top_n)
+    trained = plan.apply(model, a)
+    assert plan.trainable_params(a) == trainable(trained)
+    blocks = trained_blocks(trained, a)
+    if preset == "bitfit":
+        assert blocks == set(range(30))  # every block's norms
+    else:
+        assert blocks == (set(range(30 - top_n, 30)) if top_n else set(range(30)))
