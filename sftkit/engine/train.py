@@ -1,0 +1,526 @@
+"""The training job: one RunConfig, one run folder, one process.
+
+``run_training`` is what ``sftkit train`` (and therefore the notebook launcher, and
+``accelerate launch``) runs. It builds the library objects from the config with explicit
+``build_*`` functions, trains with ``transformers.Trainer`` (peft adapters, bitsandbytes
+4-bit where the policy says so), and a ``RunRecorder`` callback writes everything a view
+needs into the run folder: metrics, events, samples, status with a heartbeat. Stop is a
+file in the run folder (or SIGTERM), honoured at the next step boundary.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import time
+import traceback
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from ..core.errors import ConfigError
+from ..core.rundata import RunRows, run_rows
+from ..core.runconfig import AdapterConfig, RunConfig, RunConfigError
+from ..core.runstore import CHECKPOINT_MARKER, DeviceLock, RunFolder, RunStateError
+from ..core.template import Template
+
+OOM_ADVICE = ("lower training.batch_size (raise training.grad_accum to keep the effective batch), "
+              "lower training.max_length, turn on training.gradient_checkpointing, or load the model "
+              "in 4-bit (model.quantization: 4bit)")
+
+
+# ---- builders: config -> library objects ------------------------------------------------------
+def build_plan(adapter: AdapterConfig, anatomy):
+    """The FreezePlan a config's adapter section describes (names checked against the model)."""
+    from .freeze import FreezePlan, PlanError
+
+    settings = dict(rank=adapter.rank, alpha=adapter.alpha, dropout=adapter.dropout)
+    if adapter.preset == "none":
+        plan = FreezePlan(**settings)
+    else:
+        plan = FreezePlan.preset(adapter.preset, anatomy, top_n=adapter.top_n, embeddings=adapter.embeddings,
+                                 head=adapter.head, **settings)
+    linear = set(anatomy.linear)
+    for field_name, names, known in (("add_lora", adapter.add_lora, linear), ("remove_lora", adapter.remove_lora, linear),
+                                     ("add_train", adapter.add_train, set(anatomy.params)),
+                                     ("remove_train", adapter.remove_train, set(anatomy.params))):
+        bad = [n for n in names if n not in known]
+        if bad:
+            example = sorted(known)[:3]
+            raise PlanError(f"adapter.{field_name}: {', '.join(bad[:5])} not in this model; names look like "
+                            f"{', '.join(example)}")
+    label = plan.label
+    plan = (plan | FreezePlan(lora_modules=frozenset(adapter.add_lora), train_params=frozenset(adapter.add_train))) - \
+        FreezePlan(lora_modules=frozenset(adapter.remove_lora), train_params=frozenset(adapter.remove_train))
+    edited = adapter.add_lora or adapter.remove_lora or adapter.add_train or adapter.remove_train
+    plan = plan.with_settings(label=label + (" (edited)" if edited else ""))
+    if not plan.lora_modules and not plan.train_params:
+        raise PlanError("the adapter section trains nothing: pick a preset or add modules (adapter.add_lora)")
+    return plan
+
+
+def adapter_config_from_plan(plan, anatomy) -> AdapterConfig:
+    """Express a FreezePlan as preset + additions/removals (so a notebook's plan exports to YAML)."""
+    from .freeze import FreezePlan, PlanError
+
+    settings = dict(rank=plan.rank, alpha=plan.alpha, dropout=plan.dropout)
+    base_cfg = AdapterConfig(preset="none", **settings)
+    label = plan.label or ""
+    for preset in ("lora_attention", "lora_all_linear", "lora_top_blocks", "freeze_tuning", "bitfit"):
+        if not label.startswith(preset):
+            continue
+        top_n = None
+        if "(top " in label:
+            try:
+                top_n = int(label.split("(top ", 1)[1].split(")", 1)[0])
+            except ValueError:
+                top_n = None
+        try:
+            base_cfg = AdapterConfig(preset=preset, top_n=top_n, embeddings="+ embeddings" in label,
+                                     head="+ head" in label, **settings)
+            build_plan(base_cfg, anatomy)
+        except (ConfigError, PlanError):
+            base_cfg = AdapterConfig(preset="none", **settings)
+        break
+    base = FreezePlan(**settings) if base_cfg.preset == "none" else FreezePlan.preset(
+        base_cfg.preset, anatomy, top_n=base_cfg.top_n, embeddings=base_cfg.embeddings, head=base_cfg.head)
+    return AdapterConfig(
+        preset=base_cfg.preset, top_n=base_cfg.top_n, embeddings=base_cfg.embeddings, head=base_cfg.head,
+        add_lora=sorted(plan.lora_modules - base.lora_modules), remove_lora=sorted(base.lora_modules - plan.lora_modules),
+        add_train=sorted(plan.train_params - base.train_params),
+        remove_train=sorted(base.train_params - plan.train_params), **settings)
+
+
+def build_examples(template: Template, rows: list[dict], tokenizer) -> list[dict]:
+    """Token ids and labels (-100 where the template's mask says "not trained")."""
+    out = []
+    for r in rows:
+        ex = template.render(r, tokenizer, with_examples=False)
+        out.append({"input_ids": list(ex.input_ids), "labels": ex.labels})
+    return out
+
+
+def build_collator(tokenizer, packing: bool):
+    """Packing: padding-free batches, sequences kept apart by position_ids. Otherwise pad per batch."""
+    if packing:
+        from transformers import DataCollatorWithFlattening
+
+        return DataCollatorWithFlattening(return_position_ids=True)
+    from transformers import DataCollatorForSeq2Seq
+
+    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, return_tensors="pt")
+
+
+def build_training_arguments(cfg: RunConfig, output_dir: str | Path, *, device: str, compute_dtype: str,
+                             has_eval: bool):
+    from transformers import TrainingArguments
+
+    t = cfg.training
+    early = t.early_stopping_patience > 0
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_schedule,
+        warmup_steps=t.warmup,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps if t.max_steps is not None else -1,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        logging_steps=t.logging_every,
+        logging_nan_inf_filter=False,  # a NaN must reach the recorder, not be averaged away
+        eval_strategy="steps" if (has_eval and t.eval_every) else "no",
+        eval_steps=t.eval_every or None,
+        save_strategy="steps",
+        save_steps=t.checkpoint_every,
+        save_total_limit=t.keep_checkpoints,
+        load_best_model_at_end=early,
+        metric_for_best_model="eval_loss" if early else None,
+        greater_is_better=False if early else None,
+        seed=t.seed,
+        data_seed=t.seed,
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        bf16=device == "cuda" and compute_dtype == "bfloat16",
+        fp16=device == "cuda" and compute_dtype == "float16",
+        use_cpu=device == "cpu",
+        optim="adamw_torch",
+        report_to="none",
+        disable_tqdm=True,
+        include_num_input_tokens_seen="all" if t.packing else "non_padding",  # packed batches have no padding
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,
+    )
+
+
+# ---- the recorder ------------------------------------------------------------------------------
+def _memory_bytes(device: str) -> tuple[str, int]:
+    if device == "cuda":
+        import torch
+
+        return "cuda_peak", int(torch.cuda.max_memory_allocated())
+    import psutil
+
+    return "rss", int(psutil.Process().memory_info().rss)
+
+
+def _finite(x) -> bool:
+    return x is None or (isinstance(x, (int, float)) and math.isfinite(x))
+
+
+def _keep_4bit_layers_in_train_mode(model) -> int:
+    """bitsandbytes repacks a 4-bit weight into an inference-only layout the first time a
+    CPU with AVX512-BF16 runs it in eval mode without grad; training after that has no
+    backward through it. Eval and sample generation inside a run must not trigger that, so
+    the 4-bit layers (which have no train/eval behaviour of their own) stay in train mode."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return 0
+    n = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.train = (lambda self_mode=True, _m=module: _m)  # noqa: E731 - ignore eval()
+            module.training = True
+            n += 1
+    return n
+
+
+class RunRecorder(TrainerCallback):
+    """Trainer callback that writes the run folder; also honours Stop and stops on NaN."""
+
+    def __init__(self, run: RunFolder, rows: RunRows, tokenizer, cfg: RunConfig, device: str, *, is_main: bool,
+                 stop_signal: dict | None = None):
+        self.run, self.rows, self.tokenizer, self.cfg, self.device = run, rows, tokenizer, cfg, device
+        self.is_main = is_main
+        self.failure: str | None = None
+        self.stopped = False
+        self._last_time = None
+        self._last_tokens = 0
+        self._last_step = 0
+        self._last_heartbeat = 0.0
+        self._nan_step = int(os.environ.get("SFTKIT_FAULT_NAN_AT_STEP", "0") or 0)  # fault injection for tests
+        self.stop_signal = stop_signal if stop_signal is not None else {}
+        self.sampled_at: int | None = None
+
+    # Trainer hooks
+    def on_train_begin(self, args, state, control, **kw):
+        self._last_time = time.perf_counter()
+        self._last_tokens = state.num_input_tokens_seen
+        self._last_step = state.global_step
+        if self.is_main:
+            self.run.write_status(state="running", step=state.global_step, max_steps=state.max_steps,
+                                  message="training")
+
+    def on_step_begin(self, args, state, control, model=None, **kw):
+        if self._nan_step and state.global_step + 1 == self._nan_step and model is not None:
+            import torch
+
+            with torch.no_grad():
+                for p in model.parameters():
+                    if p.requires_grad:
+                        p.fill_(float("nan"))
+                        break
+
+    def on_log(self, args, state, control, logs=None, model=None, **kw):
+        logs = dict(logs or {})
+        if "train_loss" in logs:  # the end-of-training summary
+            if self.is_main:
+                self.run.log_event("train_summary", **{k: v for k, v in logs.items() if _finite(v)})
+            return
+        step = state.global_step
+        record: dict = {"step": step, "epoch": round(float(state.epoch or 0), 4), "time": time.time()}
+        if "eval_loss" in logs:
+            record["eval_loss"] = logs["eval_loss"]
+            self._last_time = time.perf_counter()  # eval time is not training time
+        if "loss" in logs:
+            now = time.perf_counter()
+            dt = max(now - (self._last_time or now), 1e-9)
+            dsteps = max(step - self._last_step, 1)
+            record.update(loss=logs["loss"], lr=logs.get("learning_rate"), grad_norm=logs.get("grad_norm"),
+                          tokens_per_s=(state.num_input_tokens_seen - self._last_tokens) / dt,
+                          steps_per_s=dsteps / dt, tokens_seen=state.num_input_tokens_seen)
+            kind, value = _memory_bytes(self.device)
+            record[f"memory_{kind}"] = value
+            self._last_time, self._last_tokens, self._last_step = now, state.num_input_tokens_seen, step
+        bad = [k for k in ("loss", "grad_norm", "eval_loss") if k in record and not _finite(record[k])]
+        if bad:
+            last = self.run.last_checkpoint()
+            self.failure = (f"{bad[0]} became {record[bad[0]]} at step {step}; training stopped and nothing from "
+                            f"this step was saved. Last good checkpoint: "
+                            f"{last.relative_to(self.run.path) if last else 'none yet'}. "
+                            "Try a lower training.learning_rate, training.max_grad_norm: 1.0, or fp32 weights.")
+            control.should_training_stop = True
+            control.should_save = False
+            control.should_evaluate = False
+        if self.is_main:
+            self.run.log_metric(record)
+            if "eval_loss" in record:
+                self.run.log_event("eval", step=step, eval_loss=record["eval_loss"])
+
+    def on_step_end(self, args, state, control, model=None, **kw):
+        step = state.global_step
+        if self.run.stop_requested() or self.stop_signal.get("set"):
+            control.should_training_stop = True
+            self.stopped = True
+        every = self.cfg.training.sample_every
+        if self.is_main and every and step % every == 0 and not self.failure and model is not None:
+            self.generate_samples(model, step)
+        now = time.time()
+        if self.is_main and (now - self._last_heartbeat > 1.0 or control.should_training_stop):
+            self.run.write_status(step=step, max_steps=state.max_steps,
+                                  state="stopping" if self.stopped else "running")
+            self._last_heartbeat = now
+
+    def on_save(self, args, state, control, **kw):
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if self.is_main and folder.is_dir():
+            from ..core.atomic import write_text_atomic
+
+            write_text_atomic(folder / CHECKPOINT_MARKER, json.dumps({"step": state.global_step, "time": time.time()}))
+            self.run.log_event("checkpoint", step=state.global_step, path=str(folder.relative_to(self.run.path)))
+
+    # samples
+    def generate_samples(self, model, step: int) -> None:
+        import torch
+
+        from .generate import generate_text
+
+        if not self.rows.samples:
+            return
+        was_training = model.training
+        started = time.perf_counter()
+        model.eval()
+        try:
+            with torch.no_grad():
+                for i, row in enumerate(self.rows.samples):
+                    prompt = self.rows.template.prompt_text(row, self.tokenizer, with_examples=False)
+                    ans = generate_text(model, self.tokenizer, prompt,
+                                        max_new_tokens=self.cfg.training.sample_max_new_tokens)
+                    self.run.log_sample({"step": step, "index": i, "prompt": self.rows.template.user_text(row),
+                                         "target": str(row.get(self.rows.template.answer_field)),
+                                         "output": ans.text, "seconds": round(ans.seconds, 3)})
+        finally:
+            model.train(was_training)
+        if self._last_time is not None:
+            self._last_time += time.perf_counter() - started  # generation time is not training time
+        self.sampled_at = step
+        self.run.log_event("sample", step=step, n=len(self.rows.samples))
+
+
+# ---- the job ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RunResult:
+    state: str
+    message: str
+    run: RunFolder
+
+
+def _dist():
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    return world, rank
+
+
+def _share_run_folder(run: RunFolder | None, world: int) -> RunFolder:
+    """With several processes, rank 0's folder is everyone's."""
+    if world == 1:
+        return run
+    import torch.distributed as dist
+
+    box = [str(run.path) if run is not None else None]
+    dist.broadcast_object_list(box, src=0)
+    return RunFolder(box[0])
+
+
+def _save_output(trainer, tokenizer, run: RunFolder, plan) -> Path:
+    """adapter/ (LoRA) or model/ (a plan that trains parameters directly), written atomically."""
+    target = run.adapter_dir if plan.method == "lora" else run.path / "model"
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model = trainer.model
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    tokenizer.save_pretrained(str(tmp))
+    old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        target.rename(old)
+    tmp.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def run_training(cfg: RunConfig, run: RunFolder | None = None, *, resume: bool = False) -> RunResult:
+    """Train ``cfg`` into ``run`` (a fresh folder from the config's store when None).
+
+    resume: continue ``run`` from its last complete checkpoint.
+    Returns the final state; every outcome is also in the run folder.
+    """
+    world, rank = _dist()
+    is_main = rank == 0
+    if is_main and run is None:
+        from ..core.runstore import RunStore
+
+        run = RunStore(cfg.store).new_run(cfg.name)
+    if is_main and not run.config_path.exists():
+        cfg.save(run.config_path)
+    lock: DeviceLock | None = None
+    stop_signal = {"set": False}
+
+    def on_signal(signum, frame):
+        stop_signal["set"] = True
+
+    try:
+        from .models import plan_load
+
+        plan_words = plan_load(cfg.model.quantization, cfg.model.device, cfg.model.dtype,
+                               cfg.model.attn_implementation)
+        device = plan_words.device
+        if is_main and run is not None:
+            lock = DeviceLock("cuda:0" if device == "cuda" else "cpu") if world == 1 else None
+            if lock is not None:
+                lock.acquire(run)
+            now = datetime.now().isoformat(timespec="seconds")
+            fields = dict(state="pending", pid=os.getpid(), world_size=world, device=device,
+                          plan=plan_words.describe(), message="loading model")
+            if not resume:
+                fields["started_at"] = now
+            run.write_status(**fields)
+        if threading_main():
+            signal.signal(signal.SIGTERM, on_signal)
+        return _train(cfg, run, resume=resume, world=world, is_main=is_main, device=device,
+                      compute_dtype=plan_words.compute_dtype, quantized=plan_words.quantization != "none",
+                      stop_signal=stop_signal)
+    except Exception as exc:  # every failure ends as a state with a message in the run folder
+        message = _failure_message(exc)
+        if is_main and run is not None:
+            with open(run.log_path, "a", encoding="utf-8") as fh:
+                fh.write(traceback.format_exc())
+            run.write_status(state="failed", message=message, ended_at=datetime.now().isoformat(timespec="seconds"))
+            run.log_event("failed", message=message)
+        if isinstance(exc, (ConfigError, RunStateError)) or _is_oom(exc):
+            return RunResult("failed", message, run)
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _is_oom(exc: BaseException) -> bool:
+    try:
+        import torch
+
+        return isinstance(exc, torch.OutOfMemoryError)
+    except (ImportError, AttributeError):
+        return False
+
+
+def _failure_message(exc: BaseException) -> str:
+    if _is_oom(exc):
+        return f"out of GPU memory ({str(exc).splitlines()[0][:200]}). To fit: {OOM_ADVICE}."
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _train(cfg: RunConfig, run: RunFolder, *, resume: bool, world: int, is_main: bool, device: str,
+           compute_dtype: str, quantized: bool, stop_signal: dict) -> RunResult:
+    started = time.perf_counter()
+    rows = run_rows(cfg)  # errors here name the row/field, before the model loads
+
+    from transformers import EarlyStoppingCallback, Trainer
+
+    from .anatomy import inspect_model
+    from .models import load_model
+
+    model, tokenizer = load_model(cfg.model.spec, quantization=cfg.model.quantization, device=cfg.model.device,
+                                  dtype=cfg.model.dtype, attn_implementation=cfg.model.attn_implementation)
+    model.config.use_cache = False  # packed batches stay apart only without a KV cache
+    anatomy = inspect_model(model)
+    plan = build_plan(cfg.adapter, anatomy)
+    if quantized:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.training.gradient_checkpointing)
+    model = plan.apply(model, anatomy)
+    if quantized and device == "cpu":
+        _keep_4bit_layers_in_train_mode(model)
+    if cfg.training.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+
+    train_set = build_examples(rows.template, rows.train, tokenizer)
+    eval_set = build_examples(rows.template, rows.eval, tokenizer) if rows.eval else None
+    args = build_training_arguments(cfg, run.checkpoints_dir if run is not None else "checkpoints",
+                                    device=device, compute_dtype=compute_dtype, has_eval=bool(eval_set))
+    if world > 1:
+        _ = args.device  # sets up the process group the folder is shared over
+    run = _share_run_folder(run, world)
+    args.output_dir = str(run.checkpoints_dir)
+    recorder = RunRecorder(run, rows, tokenizer, cfg, device, is_main=is_main, stop_signal=stop_signal)
+    callbacks = [recorder]
+    if cfg.training.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(cfg.training.early_stopping_patience,
+                                               cfg.training.early_stopping_threshold))
+    trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+                      data_collator=build_collator(tokenizer, cfg.training.packing), processing_class=tokenizer,
+                      callbacks=callbacks)
+
+    checkpoint = None
+    if resume:
+        checkpoint = run.last_checkpoint()
+        if checkpoint is None:
+            raise RunStateError(f"run {run.name} has no complete checkpoint to resume from")
+        step = int(checkpoint.name.split("-")[1])
+        if is_main:
+            run.truncate_metrics(step)
+            run.log_event("resumed", step=step, checkpoint=str(checkpoint.relative_to(run.path)))
+    elif is_main:
+        run.log_event("started", pid=os.getpid(), world_size=world, device=device,
+                      train_rows=len(train_set), eval_rows=len(eval_set or []), plan=plan.label,
+                      trainable=plan.trainable_params(anatomy))
+    if is_main:
+        run.clear_stop()
+
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    step = trainer.state.global_step
+    ended = datetime.now().isoformat(timespec="seconds")
+    seconds = time.perf_counter() - started
+
+    if recorder.failure:
+        if is_main:
+            run.write_status(state="failed", step=step, message=recorder.failure, ended_at=ended, seconds=seconds)
+            run.log_event("failed", step=step, message=recorder.failure)
+        return RunResult("failed", recorder.failure, run)
+
+    final_eval = None
+    evals = [m for m in run.metrics() if "eval_loss" in m]
+    if evals and evals[-1]["step"] == step:
+        final_eval = evals[-1]["eval_loss"]
+    elif eval_set and not recorder.stopped:
+        final_eval = trainer.evaluate().get("eval_loss")
+    if is_main:
+        run.write_status(state="stopping" if recorder.stopped else "running", step=step,
+                         message="saving the adapter")
+        target = _save_output(trainer, tokenizer, run, plan)
+        if rows.samples and not recorder.stopped and recorder.sampled_at != step:
+            recorder.generate_samples(trainer.model, step)
+        state = "stopped" if recorder.stopped else "finished"
+        message = (f"stopped at step {step}; adapter saved" if recorder.stopped else
+                   f"finished {step} steps" + (f", eval loss {final_eval:.4f}" if final_eval is not None else ""))
+        run.write_status(state=state, step=step, message=message, ended_at=ended, seconds=seconds,
+                         output=str(target.relative_to(run.path)))
+        run.log_event(state, step=step, seconds=seconds, eval_loss=final_eval)
+        return RunResult(state, message, run)
+    return RunResult("finished", "", run)
