@@ -22,6 +22,14 @@ _LAZY = {
     "inspect_model": ("sftkit.engine.anatomy", "inspect_model"),
     "load_rows": ("sftkit.core.data", "load_rows"),
     "teaching_task": ("sftkit.core.teaching", "teaching_task"),
+    "RunConfig": ("sftkit.core.runconfig", "RunConfig"),
+    "RunStore": ("sftkit.core.runstore", "RunStore"),
+    "example_config": ("sftkit.core.examples", "example_config"),
+    "launch": ("sftkit.engine.launch", "launch"),
+    "attach": ("sftkit.engine.launch", "attach"),
+    "resume": ("sftkit.engine.launch", "resume"),
+    "load_trained": ("sftkit.engine.output", "load_trained"),
+    "merge_and_save": ("sftkit.engine.output", "merge_and_save"),
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -11,6 +11,8 @@ _LAZY = {
     "PromptBuilder": ("sftkit.ui.prompt_builder", "PromptBuilder"),
     "LayerPicker": ("sftkit.ui.layer_picker", "LayerPicker"),
     "AttentionView": ("sftkit.ui.attention_view", "AttentionView"),
+    "RunLauncher": ("sftkit.ui.run_launcher", "RunLauncher"),
+    "RunHistory": ("sftkit.ui.run_history", "RunHistory"),
 }
 __all__ = list(_LAZY)
 

@@ -1,0 +1,102 @@
+"""Run curves: metrics rows in, numpy arrays and plotly figures out (no widgets)."""
+
+from __future__ import annotations
+
+import html
+from typing import Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+# (trace name, metrics key, subplot row, col, scale to display units)
+CURVES = (
+    ("train loss", "loss", 1, 1, 1.0),
+    ("eval loss", "eval_loss", 1, 1, 1.0),
+    ("learning rate", "lr", 1, 2, 1.0),
+    ("grad norm", "grad_norm", 1, 3, 1.0),
+    ("tokens/s", "tokens_per_s", 2, 1, 1.0),
+    ("memory MiB", "memory", 2, 2, 1 / 2**20),
+)
+TITLES = ("loss", "learning rate", "grad norm", "tokens / s", "memory (MiB)", "")
+COLOURS = ("#2563eb", "#dc2626", "#059669", "#7c3aed", "#d97706", "#0891b2", "#db2777", "#65a30d")
+
+
+def _value(row: dict, key: str):
+    if key == "memory":
+        return row.get("memory_cuda_peak", row.get("memory_rss"))
+    return row.get(key)
+
+
+def curve_arrays(metrics: Sequence[dict]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """For each of CURVES: (steps, values) as float arrays, skipping rows without the value."""
+    out = []
+    for _, key, _, _, scale in CURVES:
+        pts = [(r["step"], _value(r, key)) for r in metrics if _value(r, key) is not None]
+        x = np.fromiter((p[0] for p in pts), dtype=np.float64, count=len(pts))
+        y = np.fromiter((p[1] for p in pts), dtype=np.float64, count=len(pts)) * scale
+        out.append((x, y))
+    return out
+
+
+def run_figure(metrics: Sequence[dict] = (), *, title: str = "", height: int = 460) -> go.Figure:
+    fig = make_subplots(rows=2, cols=3, subplot_titles=TITLES, horizontal_spacing=0.07, vertical_spacing=0.16)
+    for (name, key, row, col, _), (x, y), colour in zip(CURVES, curve_arrays(metrics), COLOURS):
+        mode = "lines+markers" if key == "eval_loss" else "lines"
+        fig.add_trace(go.Scatter(x=x, y=y, name=name, mode=mode, line=dict(color=colour)), row=row, col=col)
+    fig.update_layout(title=title, height=height, margin=dict(l=40, r=10, t=60, b=30),
+                      legend=dict(orientation="h", y=-0.08), uirevision="keep")
+    fig.update_xaxes(title_text="step", row=2)
+    return fig
+
+
+def overlay_figure(runs: dict[str, Sequence[dict]], *, height: int = 380) -> go.Figure:
+    """Train (solid) and eval (dashed) loss of several runs on one plot."""
+    fig = go.Figure()
+    for i, (name, metrics) in enumerate(runs.items()):
+        arrays = curve_arrays(metrics)
+        colour = COLOURS[i % len(COLOURS)]
+        fig.add_trace(go.Scatter(x=arrays[0][0], y=arrays[0][1], name=f"{name} train", mode="lines",
+                                 line=dict(color=colour), legendgroup=name))
+        if len(arrays[1][0]):
+            fig.add_trace(go.Scatter(x=arrays[1][0], y=arrays[1][1], name=f"{name} eval", mode="lines+markers",
+                                     line=dict(color=colour, dash="dash"), legendgroup=name))
+    fig.update_layout(height=height, xaxis_title="step", yaxis_title="loss", margin=dict(l=50, r=10, t=30, b=40))
+    return fig
+
+
+def metrics_table_html(metrics: Sequence[dict], *, max_rows: int = 12) -> str:
+    """A compact table of logged steps (evenly thinned to ``max_rows``) for static snapshots."""
+    rows = [m for m in metrics if "loss" in m or "eval_loss" in m]
+    if len(rows) > max_rows:
+        keep = sorted(set(np.linspace(0, len(rows) - 1, max_rows).round().astype(int).tolist()))
+        rows = [rows[i] for i in keep]
+    head = "<tr><th>step</th><th>loss</th><th>eval loss</th><th>lr</th><th>grad norm</th><th>tokens/s</th></tr>"
+
+    def f(v, fmt):
+        return format(v, fmt) if isinstance(v, (int, float)) else ""
+
+    body = "".join(
+        f"<tr><td>{m['step']}</td><td>{f(m.get('loss'), '.4f')}</td><td>{f(m.get('eval_loss'), '.4f')}</td>"
+        f"<td>{f(m.get('lr'), '.2e')}</td><td>{f(m.get('grad_norm'), '.3f')}</td>"
+        f"<td>{f(m.get('tokens_per_s'), '.0f')}</td></tr>" for m in rows)
+    return f"<table class='sftkit-metrics'>{head}{body}</table>"
+
+
+def samples_html(samples: Sequence[dict], *, last_steps: int = 2) -> str:
+    """The latest sample generations: prompt, target, output (green when it matches)."""
+    if not samples:
+        return "<i>samples appear here every <code>training.sample_every</code> steps</i>"
+    steps = sorted({s["step"] for s in samples})[-last_steps:]
+    parts = []
+    for step in reversed(steps):
+        items = []
+        for s in (s for s in samples if s["step"] == step):
+            ok = s.get("output", "").strip() == str(s.get("target", "")).strip()
+            items.append(
+                f"<div style='margin:2px 0'><span style='color:#6b7280'>{html.escape(s.get('prompt', ''))[:120]}"
+                f"</span><br>&rarr; <b style='color:{'#047857' if ok else '#b91c1c'}'>"
+                f"{html.escape(s.get('output', ''))[:200]}</b> <span style='color:#6b7280'>(target "
+                f"{html.escape(str(s.get('target', '')))[:80]})</span></div>")
+        parts.append(f"<div><b>step {step}</b>{''.join(items)}</div>")
+    return "<div style='font-size:12px'>" + "".join(parts) + "</div>"
