@@ -116,3 +116,37 @@ def test_attention_view_renders_heatmap_and_a_grid_click_opens_a_head(lab, page,
     panel.locator(".gtitle", has_text="layer 12, head 4").first.wait_for(timeout=30_000)
     assert panel.locator(".js-plotly-plot .heatmaplayer image, .js-plotly-plot .hm").count() >= 1
     page.screenshot(path=str(tmp_path / "attention.png"))
+
+
+def test_run_launcher_start_grows_the_loss_curve_and_stop_ends_it(lab, page, tmp_path):  # noqa: F811
+    panel = open_alone(page, lab, "04_training.ipynb", "training-test")
+    panel.locator(".jp-Cell").nth(2).click()  # the cell that builds the launcher
+    page.keyboard.press("Shift+Enter")
+    start = panel.locator("button", has_text="Start").first
+    start.wait_for(timeout=120_000)
+    panel.locator(".js-plotly-plot").first.wait_for(timeout=60_000)
+    start.click()
+    line = panel.locator(".js-plotly-plot .scatterlayer .trace path.js-line").first
+
+    def points() -> int:
+        try:
+            d = line.get_attribute("d", timeout=1_000) or ""
+        except Exception:
+            return 0
+        return d.count("L") + (1 if d.startswith("M") else 0)
+
+    try:
+        page.wait_for_function("() => true")  # let the first redraw land
+        for _ in range(600):
+            if points() >= 3:
+                break
+            page.wait_for_timeout(500)
+        assert points() >= 3, "the loss curve did not grow to 3 points"
+        seen = points()
+        panel.locator("button", has_text="Stop").first.click()
+        panel.locator(".widget-html", has_text="stopped at step").first.wait_for(timeout=120_000)
+        assert points() >= seen
+    except Exception:
+        page.screenshot(path="/tmp/sftkit-training-failure.png", full_page=True)
+        raise
+    page.screenshot(path=str(tmp_path / "training.png"), full_page=True)

@@ -76,3 +76,16 @@ def test_attention_notebook_runs_trains_and_diffs(default_model_folder):
     assert "heads that moved most" in text and "attention_diff.html" in text
     assert any("application/vnd.plotly.v1+json" in o.get("data", {})
                for c in nb.cells for o in c.get("outputs", [])), "no static figure was left"
+
+
+@pytest.mark.slow
+def test_training_notebook_trains_snapshots_and_merges(default_model_folder, monkeypatch):
+    monkeypatch.setenv("SFTKIT_NOTEBOOK_STEPS", "4")
+    nb = run_notebook("04_training.ipynb")
+    assert shows_a_widget(nb), "the RunLauncher did not display"
+    text = outputs_text(nb)
+    assert "finished\n" in text and "finished 4 steps" in text
+    assert "tuned: '" in text and "spec: default" in text and "model.safetensors" in text
+    assert any("application/vnd.plotly.v1+json" in o.get("data", {})
+               for c in nb.cells for o in c.get("outputs", [])), "no static figure was left"
+    assert "<table class='sftkit-metrics'>" in text

@@ -101,6 +101,7 @@ def _spawn(run: RunFolder, extra: list[str], env: dict | None) -> subprocess.Pop
 
 def launch(cfg: RunConfig, *, env: dict | None = None) -> RunHandle:
     """Check the config's data and device, make the run folder, start ``sftkit train`` on it."""
+    cfg = cfg.with_paths_from(Path.cwd())  # the run folder's config must not depend on a working directory
     run_rows(cfg)  # data / template errors surface here, naming the row or field
     check_device_free(cfg)
     run = RunStore(cfg.store).new_run(cfg.name)
