@@ -218,7 +218,7 @@ NOTEBOOKS["04_training.ipynb"] = [
        "held-out rows the run answers every few steps: red turns green as it learns.\n\n"
        "Things to try: **Stop** mid-run (the adapter is saved at the next step), then **Resume** (it "
        "continues from the last checkpoint); raise the learning rate to 1e-2 and watch the curve; switch "
-       "packing off and compare tokens/s."),
+       "packing on and compare tokens/s."),
     code("launcher.start()"),
     md("The next cell waits for the run to end, so *Run All* works top to bottom. You don't need it: "
        "while the run trains, the kernel is free for anything else."),

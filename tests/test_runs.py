@@ -161,7 +161,7 @@ def test_stop_refusal_and_reattach(tiny_llama_dir, tmp_path, cache):
     from sftkit.engine.launch import attach, launch
 
     cfg = tiny_config(tiny_llama_dir, tmp_path / "runs", max_steps=100000, eval_every=0, sample_every=0,
-                      checkpoint_every=1000)
+                      checkpoint_every=1000, packing=True)
     handle = launch(cfg)
     wait_for(lambda: len(losses(handle.run)) >= 3, what="three logged steps")
     # a second run on the same device is refused with the running run's name
@@ -284,3 +284,43 @@ def test_cli_train_runs_and_merge(tiny_llama_dir, tmp_path, cache):
     bad = subprocess.run([sys.executable, "-m", "sftkit", "train", "nothing.yaml"], cwd=tmp_path,
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "nothing.yaml does not exist" in bad.stderr
+
+
+def test_plan_round_trips_through_the_adapter_section(tiny_llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    from sftkit.engine.anatomy import inspect_model
+    from sftkit.engine.freeze import FreezePlan, PlanError
+    from sftkit.engine.train import adapter_config_from_plan, build_plan
+
+    anatomy = inspect_model(AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir)))
+    base = FreezePlan.preset("lora_attention", anatomy, rank=8)
+    edited = (base - FreezePlan(lora_modules={"model.layers.0.self_attn.q_proj"})) | FreezePlan(
+        lora_modules={"model.layers.1.mlp.up_proj"}, train_params={"model.norm.weight"})
+    for plan in (base, FreezePlan.preset("freeze_tuning", anatomy, top_n=1), edited.with_settings(label="mine")):
+        section = adapter_config_from_plan(plan, anatomy)
+        cfg = RunConfig(adapter=section.__dict__)
+        assert RunConfig.from_yaml(cfg.to_yaml()).adapter == section
+        again = build_plan(cfg.adapter, anatomy)
+        assert (again.lora_modules, again.train_params, again.rank) == (plan.lora_modules, plan.train_params, plan.rank)
+    section = adapter_config_from_plan(edited, anatomy)
+    assert section.preset == "lora_attention" and section.remove_lora == ["model.layers.0.self_attn.q_proj"]
+    with pytest.raises(PlanError, match=r"adapter.add_lora: model.layers.9.mlp.up_proj not in this model"):
+        build_plan(RunConfig(adapter={"add_lora": ["model.layers.9.mlp.up_proj"]}).adapter, anatomy)
+
+
+def test_4bit_run_on_cpu_trains_the_same_with_eval_and_samples_in_between(tiny_llama_dir, tmp_path):
+    """On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight for inference the first time it
+    runs in eval mode without grad, and backward through it is gone from then on. Eval and samples
+    inside a run must not change training: the losses match a run without them."""
+    from sftkit.engine.train import run_training
+
+    cfg = tiny_config(tiny_llama_dir, tmp_path / "runs", max_steps=6, eval_every=0, sample_every=0,
+                      checkpoint_every=100).with_changes(model={"quantization": "4bit"})
+    plain = run_training(cfg.with_changes(name="plain")).run
+    watched = run_training(cfg.with_changes(name="watched", training={"eval_every": 2, "sample_every": 2})).run
+    assert plain.state() == watched.state() == "finished", (plain.read_status(), watched.read_status())
+    assert "4bit" in watched.read_status()["plan"] and [s["step"] for s in watched.samples()][:2] == [2, 4]
+    a, b = losses(plain), losses(watched)
+    for step in range(1, 7):
+        assert b[step] == pytest.approx(a[step], rel=1e-6), (step, a, b)

@@ -10,6 +10,7 @@ file in the run folder (or SIGTERM), honoured at the next step boundary.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -45,7 +46,7 @@ def build_plan(adapter: AdapterConfig, anatomy):
     else:
         plan = FreezePlan.preset(adapter.preset, anatomy, top_n=adapter.top_n, embeddings=adapter.embeddings,
                                  head=adapter.head, **settings)
-    linear = set(anatomy.linear)
+    linear = {li.name for li in anatomy.linear.values()}
     for field_name, names, known in (("add_lora", adapter.add_lora, linear), ("remove_lora", adapter.remove_lora, linear),
                                      ("add_train", adapter.add_train, set(anatomy.params)),
                                      ("remove_train", adapter.remove_train, set(anatomy.params))):
@@ -65,35 +66,33 @@ def build_plan(adapter: AdapterConfig, anatomy):
 
 
 def adapter_config_from_plan(plan, anatomy) -> AdapterConfig:
-    """Express a FreezePlan as preset + additions/removals (so a notebook's plan exports to YAML)."""
+    """Express a FreezePlan as the preset it is closest to plus additions/removals, so a plan
+    made in the notebook exports to readable, portable YAML and builds back to the same sets."""
     from .freeze import FreezePlan, PlanError
 
     settings = dict(rank=plan.rank, alpha=plan.alpha, dropout=plan.dropout)
-    base_cfg = AdapterConfig(preset="none", **settings)
-    label = plan.label or ""
-    for preset in ("lora_attention", "lora_all_linear", "lora_top_blocks", "freeze_tuning", "bitfit"):
-        if not label.startswith(preset):
-            continue
-        top_n = None
-        if "(top " in label:
-            try:
-                top_n = int(label.split("(top ", 1)[1].split(")", 1)[0])
-            except ValueError:
-                top_n = None
+    candidates = [AdapterConfig(preset="none", **settings)]
+    for preset in ("lora_attention", "lora_all_linear", "bitfit"):
+        candidates.append(AdapterConfig(preset=preset, **settings))
+    for preset in ("lora_top_blocks", "freeze_tuning"):
+        for top_n in range(1, anatomy.n_blocks + 1):
+            candidates.append(AdapterConfig(preset=preset, top_n=top_n, **settings))
+    best = None
+    for cand in candidates:
         try:
-            base_cfg = AdapterConfig(preset=preset, top_n=top_n, embeddings="+ embeddings" in label,
-                                     head="+ head" in label, **settings)
-            build_plan(base_cfg, anatomy)
-        except (ConfigError, PlanError):
-            base_cfg = AdapterConfig(preset="none", **settings)
-        break
-    base = FreezePlan(**settings) if base_cfg.preset == "none" else FreezePlan.preset(
-        base_cfg.preset, anatomy, top_n=base_cfg.top_n, embeddings=base_cfg.embeddings, head=base_cfg.head)
-    return AdapterConfig(
-        preset=base_cfg.preset, top_n=base_cfg.top_n, embeddings=base_cfg.embeddings, head=base_cfg.head,
-        add_lora=sorted(plan.lora_modules - base.lora_modules), remove_lora=sorted(base.lora_modules - plan.lora_modules),
-        add_train=sorted(plan.train_params - base.train_params),
-        remove_train=sorted(base.train_params - plan.train_params), **settings)
+            base = FreezePlan(**settings) if cand.preset == "none" else FreezePlan.preset(
+                cand.preset, anatomy, top_n=cand.top_n)
+        except PlanError:
+            continue
+        section = dataclasses.replace(
+            cand, add_lora=sorted(plan.lora_modules - base.lora_modules),
+            remove_lora=sorted(base.lora_modules - plan.lora_modules),
+            add_train=sorted(plan.train_params - base.train_params),
+            remove_train=sorted(base.train_params - plan.train_params))
+        size = sum(len(getattr(section, f)) for f in ("add_lora", "remove_lora", "add_train", "remove_train"))
+        if best is None or size < best[0]:
+            best = (size, section)
+    return best[1]
 
 
 def build_examples(template: Template, rows: list[dict], tokenizer) -> list[dict]:
@@ -114,6 +113,15 @@ def build_collator(tokenizer, packing: bool):
     from transformers import DataCollatorForSeq2Seq
 
     return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, return_tensors="pt")
+
+
+def _checkpointing_args(cls, on: bool) -> dict:
+    """Activation (gradient) checkpointing under the name this transformers version uses."""
+    import dataclasses
+
+    name = "activation_checkpointing" if any(f.name == "activation_checkpointing" for f in dataclasses.fields(cls)) \
+        else "gradient_checkpointing"
+    return {name: on, f"{name}_kwargs": {"use_reentrant": False} if on else None}
 
 
 def build_training_arguments(cfg: RunConfig, output_dir: str | Path, *, device: str, compute_dtype: str,
@@ -146,8 +154,7 @@ def build_training_arguments(cfg: RunConfig, output_dir: str | Path, *, device: 
         greater_is_better=False if early else None,
         seed=t.seed,
         data_seed=t.seed,
-        gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        **_checkpointing_args(TrainingArguments, t.gradient_checkpointing),
         bf16=device == "cuda" and compute_dtype == "bfloat16",
         fp16=device == "cuda" and compute_dtype == "float16",
         use_cpu=device == "cpu",
@@ -445,6 +452,9 @@ def _train(cfg: RunConfig, run: RunFolder, *, resume: bool, world: int, is_main:
     from .anatomy import inspect_model
     from .models import load_model
 
+    from transformers import set_seed
+
+    set_seed(cfg.training.seed)  # adapter initialisation too: the same seed gives the same run
     model, tokenizer = load_model(cfg.model.spec, quantization=cfg.model.quantization, device=cfg.model.device,
                                   dtype=cfg.model.dtype, attn_implementation=cfg.model.attn_implementation)
     model.config.use_cache = False  # packed batches stay apart only without a KV cache
