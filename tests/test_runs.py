@@ -324,3 +324,24 @@ def test_4bit_run_on_cpu_trains_the_same_with_eval_and_samples_in_between(tiny_l
     a, b = losses(plain), losses(watched)
     for step in range(1, 7):
         assert b[step] == pytest.approx(a[step], rel=1e-6), (step, a, b)
+
+
+def test_a_run_process_that_cannot_start_ends_as_failed_with_its_log(tiny_llama_dir, tmp_path, cache):
+    from sftkit.engine.launch import launch
+
+    handle = launch(tiny_config(tiny_llama_dir, tmp_path / "runs"), env={"PYTHONHOME": str(tmp_path / "nowhere")})
+    handle.process.wait(60)
+    assert handle.state == "failed"
+    message = handle.run.read_status()["message"]
+    assert "exited (code" in message and "run.log" in message
+    assert handle.poll().state == "failed"
+
+
+def test_model_errors_in_the_run_process_end_the_run_with_the_message(tmp_path, cache):
+    from sftkit.engine.launch import launch
+
+    cfg = tiny_config(tmp_path / "no-such-model", tmp_path / "runs")
+    handle = launch(cfg)
+    assert handle.wait(120) == "failed"
+    assert "no-such-model" in handle.run.read_status()["message"]
+    assert [e["event"] for e in handle.run.events()] == ["failed"]

@@ -34,13 +34,21 @@ class RunHandle:
 
     @property
     def state(self) -> str:
-        if self.process is not None:
-            self.process.poll()  # reap it, so a finished process doesn't look alive
-        return self.run.state()
+        state = self.run.state()
+        if self.process is not None and self.process.poll() is not None and state in ("pending", "running",
+                                                                                      "stopping"):
+            state = self.run.state()  # it may have written its last status just before exiting
+            if state in ("pending", "running", "stopping"):
+                tail = self.run.log_path.read_text(encoding="utf-8", errors="replace")[-600:] \
+                    if self.run.log_path.exists() else ""
+                message = (f"the run process exited (code {self.process.returncode}) without finishing; "
+                           f"the end of run.log: {tail.strip()}")
+                self.run.write_status(state="failed", message=message)
+                state = "failed"
+        return state
 
     def poll(self):
-        if self.process is not None:
-            self.process.poll()
+        _ = self.state  # notices a process that died before it could say so
         return self.follower.poll()
 
     def stop(self) -> None:
@@ -107,9 +115,7 @@ def launch(cfg: RunConfig, *, env: dict | None = None) -> RunHandle:
     run = RunStore(cfg.store).new_run(cfg.name)
     cfg.save(run.config_path)
     run.write_status(state="pending", message="starting the run process", pid=None)
-    proc = _spawn(run, [], env)
-    run.write_status(pid=proc.pid)
-    return RunHandle(run, proc)
+    return RunHandle(run, _spawn(run, [], env))  # the process writes its own pid and state
 
 
 def resume(run: RunFolder | str | Path, *, env: dict | None = None, max_steps: int | None = None) -> RunHandle:
@@ -133,9 +139,7 @@ def resume(run: RunFolder | str | Path, *, env: dict | None = None, max_steps: i
     check_device_free(cfg)
     run.clear_stop()
     run.write_status(state="pending", message="resuming", pid=None)
-    proc = _spawn(run, ["--resume"], env)
-    run.write_status(pid=proc.pid)
-    return RunHandle(run, proc)
+    return RunHandle(run, _spawn(run, ["--resume"], env))
 
 
 def attach(run: RunFolder | str | Path) -> RunHandle:
