@@ -345,3 +345,12 @@ def test_model_errors_in_the_run_process_end_the_run_with_the_message(tmp_path, 
     assert handle.wait(120) == "failed"
     assert "no-such-model" in handle.run.read_status()["message"]
     assert [e["event"] for e in handle.run.events()] == ["failed"]
+
+
+def test_stop_while_the_model_loads_is_kept(tiny_llama_dir, tmp_path, cache):
+    from sftkit.engine.launch import launch
+
+    handle = launch(tiny_config(tiny_llama_dir, tmp_path / "runs", max_steps=100000, eval_every=0, sample_every=0))
+    handle.stop()  # before the process has even imported torch
+    assert handle.wait(120) == "stopped", handle.run.read_status()
+    assert max(losses(handle.run)) <= 2 and handle.run.has_adapter()

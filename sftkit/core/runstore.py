@@ -170,9 +170,11 @@ class RunFolder:
     def stop_requested(self) -> bool:
         return self.stop_path.exists()
 
-    def clear_stop(self) -> None:
+    def clear_stop(self, older_than: float | None = None) -> None:
+        """Remove a stop request (only one made before ``older_than``, a time.time(), if given)."""
         try:
-            self.stop_path.unlink()
+            if older_than is None or self.stop_path.stat().st_mtime < older_than:
+                self.stop_path.unlink()
         except FileNotFoundError:
             pass
 

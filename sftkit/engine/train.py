@@ -421,6 +421,15 @@ def run_training(cfg: RunConfig, run: RunFolder | None = None, *, resume: bool =
             lock.release()
 
 
+def _process_start_time() -> float:
+    try:
+        import psutil
+
+        return psutil.Process().create_time()
+    except Exception:  # noqa: BLE001 - psutil missing or restricted: fall back to now
+        return time.time()
+
+
 def threading_main() -> bool:
     import threading
 
@@ -445,6 +454,7 @@ def _failure_message(exc: BaseException) -> str:
 def _train(cfg: RunConfig, run: RunFolder, *, resume: bool, world: int, is_main: bool, device: str,
            compute_dtype: str, quantized: bool, stop_signal: dict) -> RunResult:
     started = time.perf_counter()
+    process_started = _process_start_time()
     rows = run_rows(cfg)  # errors here name the row/field, before the model loads
 
     from transformers import EarlyStoppingCallback, Trainer
@@ -501,7 +511,7 @@ def _train(cfg: RunConfig, run: RunFolder, *, resume: bool, world: int, is_main:
                       train_rows=len(train_set), eval_rows=len(eval_set or []), plan=plan.label,
                       trainable=plan.trainable_params(anatomy))
     if is_main:
-        run.clear_stop()
+        run.clear_stop(older_than=process_started)  # a Stop from an earlier session, not one made while loading
 
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     step = trainer.state.global_step
