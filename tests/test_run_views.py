@@ -81,3 +81,21 @@ def test_launcher_shows_data_errors_without_starting(tiny_llama_dir, tmp_path, c
     assert launcher.handle is None
     assert "Not started" in launcher.message.value and "rows 1" in launcher.message.value
     assert not (tmp_path / "runs").exists() or RunStore(tmp_path / "runs").runs() == []
+
+
+def test_in_kernel_mode_runs_in_a_thread_and_stops(tiny_llama_dir, tmp_path, cache):  # noqa: F811
+    import os
+    import threading
+
+    from sftkit.ui import RunLauncher
+
+    cfg = tiny_config(tiny_llama_dir, tmp_path / "runs", max_steps=100000, eval_every=0, sample_every=0,
+                      checkpoint_every=1000)
+    launcher = RunLauncher(cfg, in_kernel=True, poll_s=0.2, min_redraw_s=0.2)
+    launcher.start_button.click()
+    assert isinstance(launcher.handle.thread, threading.Thread) and launcher.handle.process is None
+    wait_for(lambda: len(launcher.figure.data[0].x) >= 3, what="three points from the in-kernel run")
+    assert launcher.handle.run.read_status()["pid"] == os.getpid()
+    launcher.stop_button.click()
+    assert launcher.wait(120) == "stopped"
+    assert launcher.handle.run.has_adapter()

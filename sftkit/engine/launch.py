@@ -24,9 +24,10 @@ from ..core.runstore import DeviceBusyError, DeviceLock, RunFolder, RunStateErro
 class RunHandle:
     """A run started (or found) from this process: follow it, stop it, wait for it."""
 
-    def __init__(self, run: RunFolder, process: subprocess.Popen | None = None):
+    def __init__(self, run: RunFolder, process: subprocess.Popen | None = None, thread=None):
         self.run = run
         self.process = process
+        self.thread = thread  # in-kernel mode: the thread running the job
         self.follower = RunFollower(run)
 
     def __repr__(self) -> str:
@@ -57,6 +58,8 @@ class RunHandle:
 
     def kill(self) -> None:
         """End the process now (no adapter saved; the last checkpoint stays loadable)."""
+        if self.thread is not None:
+            raise RunStateError("an in-kernel run can't be killed; use stop() (or restart the kernel)")
         pid = self.run.read_status().get("pid") or (self.process.pid if self.process else None)
         if pid:
             try:
@@ -67,6 +70,9 @@ class RunHandle:
             self.process.wait()
 
     def wait(self, timeout: float | None = None) -> str:
+        if self.thread is not None:
+            self.thread.join(timeout)
+            return self.state
         if self.process is not None:
             try:
                 self.process.wait(timeout)
@@ -116,6 +122,40 @@ def launch(cfg: RunConfig, *, env: dict | None = None) -> RunHandle:
     cfg.save(run.config_path)
     run.write_status(state="pending", message="starting the run process", pid=None)
     return RunHandle(run, _spawn(run, [], env))  # the process writes its own pid and state
+
+
+def _import_training_stack() -> None:
+    """Finish the training stack's imports in this thread: a module imported from two threads
+    at once can be seen half-initialised by one of them (the kernel's views import pandas too)."""
+    import importlib
+    import importlib.util
+
+    for name in ("transformers.trainer", "peft", "pandas", "datasets"):
+        if importlib.util.find_spec(name.split(".")[0]) is not None:
+            importlib.import_module(name)
+
+
+def launch_in_kernel(cfg: RunConfig) -> RunHandle:
+    """Run in a background thread of this process instead of a process of its own.
+
+    For tiny models and quick experiments: no process start-up, but the run shares the kernel's
+    memory and ends with it, and a model trained here should not be one the kernel also uses.
+    Same run folder, same Stop, same views.
+    """
+    import threading
+
+    from .train import run_training
+
+    _import_training_stack()
+    cfg = cfg.with_paths_from(Path.cwd())
+    run_rows(cfg)
+    check_device_free(cfg)
+    run = RunStore(cfg.store).new_run(cfg.name)
+    cfg.save(run.config_path)
+    run.write_status(state="pending", message="starting the run thread", pid=None)
+    thread = threading.Thread(target=run_training, args=(cfg, run), name=f"sftkit-run-{run.name}", daemon=True)
+    thread.start()
+    return RunHandle(run, thread=thread)
 
 
 def resume(run: RunFolder | str | Path, *, env: dict | None = None, max_steps: int | None = None) -> RunHandle:

@@ -44,11 +44,14 @@ class RunLauncher:
         (``picker.anatomy``); stored in the config as preset + additions/removals.
     data: a data source (``"teaching:dates"``, a file path) or a list of row dicts.
     run: attach to an existing run folder instead (e.g. after a kernel restart).
+    in_kernel: run in a thread of this kernel instead of a process of its own (tiny models,
+        quick experiments; the run then ends with the kernel).
     """
 
     def __init__(self, config: RunConfig | None = None, *, template: Template | None = None, plan=None,
-                 anatomy=None, data=None, run: str | Path | RunFolder | None = None,
+                 anatomy=None, data=None, run: str | Path | RunFolder | None = None, in_kernel: bool = False,
                  poll_s: float = 0.5, min_redraw_s: float = 0.5):
+        self.in_kernel = in_kernel
         if config is None:
             from ..core.examples import example_config
 
@@ -212,7 +215,7 @@ class RunLauncher:
         """Start a new run (errors in data, template or settings show here; nothing starts)."""
         try:
             cfg = self._config_for_launch()
-            handle = launcher.launch(cfg)
+            handle = launcher.launch_in_kernel(cfg) if self.in_kernel else launcher.launch(cfg)
         except SftkitError as exc:
             self._error(exc)
             return None
