@@ -198,7 +198,7 @@ NOTEBOOKS["04_training.ipynb"] = [
        "the browser or restarting the kernel does not end the run: a new launcher reattaches to it."),
     md("## The config\n\n"
        "`sftkit.example_config()` is the bundled example: the default model learns the *dates* teaching "
-       "task (any date format in, `YYYY-MM-DD` out), LoRA on every linear layer, 16 steps of 8 rows, "
+       "task (any date format in, `YYYY-MM-DD` out), LoRA on every linear layer, 12 steps of 8 rows, "
        "about a minute on a laptop CPU. To use your own pieces, pass them in: "
        "`RunLauncher(config, template=builder.template, plan=picker.plan, anatomy=picker.anatomy, "
        "data=rows)`. The main knobs are editable in the widget; the accordion shows the whole config."),
