@@ -354,3 +354,25 @@ def test_stop_while_the_model_loads_is_kept(tiny_llama_dir, tmp_path, cache):
     handle.stop()  # before the process has even imported torch
     assert handle.wait(120) == "stopped", handle.run.read_status()
     assert max(losses(handle.run)) <= 2 and handle.run.has_adapter()
+
+
+def test_early_stopping_ends_the_run_and_keeps_the_best_adapter(tiny_llama_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from sftkit.engine.train import run_training
+
+    # a threshold no eval can beat: the second evaluation triggers the stop
+    cfg = tiny_config(tiny_llama_dir, tmp_path / "runs", max_steps=40, eval_every=2, checkpoint_every=2,
+                      sample_every=0, early_stopping_patience=1, early_stopping_threshold=100.0)
+    result = run_training(cfg)
+    run = result.run
+    assert result.state == "finished", run.read_status()
+    message = run.read_status()["message"]
+    assert message.startswith("early stopping at step 4 of 40") and "the adapter is the best checkpoint" in message
+    assert max(losses(run)) == 4
+    evals = {m["step"]: m["eval_loss"] for m in run.metrics() if "eval_loss" in m}
+    best_step = min(evals, key=evals.get)
+    assert f"(checkpoint-{best_step}," in message
+    best = load_file(str(run.checkpoints_dir / f"checkpoint-{best_step}" / "adapter_model.safetensors"))
+    saved = load_file(str(run.adapter_dir / "adapter_model.safetensors"))
+    assert all((best[k] == saved[k]).all() for k in best)

@@ -539,6 +539,14 @@ def _train(cfg: RunConfig, run: RunFolder, *, resume: bool, world: int, is_main:
         state = "stopped" if recorder.stopped else "finished"
         message = (f"stopped at step {step}; adapter saved" if recorder.stopped else
                    f"finished {step} steps" + (f", eval loss {final_eval:.4f}" if final_eval is not None else ""))
+        best = trainer.state.best_model_checkpoint
+        if not recorder.stopped and cfg.training.early_stopping_patience and step < trainer.state.max_steps:
+            message = (f"early stopping at step {step} of {trainer.state.max_steps}: eval loss did not improve "
+                       f"by more than {cfg.training.early_stopping_threshold} for "
+                       f"{cfg.training.early_stopping_patience} evaluation(s)")
+        if best and cfg.training.early_stopping_patience:
+            message += f"; the adapter is the best checkpoint ({Path(best).name}, eval loss " \
+                       f"{trainer.state.best_metric:.4f})"
         run.write_status(state=state, step=step, message=message, ended_at=ended, seconds=seconds,
                          output=str(target.relative_to(run.path)))
         run.log_event(state, step=step, seconds=seconds, eval_loss=final_eval)
