@@ -457,12 +457,10 @@ def _train(cfg: RunConfig, run: RunFolder, *, resume: bool, world: int, is_main:
     process_started = _process_start_time()
     rows = run_rows(cfg)  # errors here name the row/field, before the model loads
 
-    from transformers import EarlyStoppingCallback, Trainer
+    from transformers import EarlyStoppingCallback, Trainer, set_seed
 
     from .anatomy import inspect_model
     from .models import load_model
-
-    from transformers import set_seed
 
     set_seed(cfg.training.seed)  # adapter initialisation too: the same seed gives the same run
     model, tokenizer = load_model(cfg.model.spec, quantization=cfg.model.quantization, device=cfg.model.device,
