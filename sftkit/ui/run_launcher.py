@@ -180,6 +180,8 @@ class RunLauncher:
             return
         self.message.value = ""
         self.yaml_view.value = f"<pre style='font-size:11px;max-height:300px;overflow:auto'>{html.escape(cfg.to_yaml())}</pre>"
+        if change is not None and change.get("owner") is not self.quantization:
+            return  # only the quantization knob changes the device policy
         try:
             from ..engine.models import plan_load
 
