@@ -51,11 +51,19 @@ def test_launcher_start_stop_and_traces_grow(tiny_llama_dir, tmp_path, cache):  
     assert launcher.start_button.disabled is False and launcher.resume_button.disabled is False
     points = len(launcher.figure.data[0].x)
     assert points == len([m for m in launcher.handle.run.metrics() if "loss" in m])
-    assert launcher.redraws < points + 5  # redraws are batched, not one per message
     assert launcher.handle.run.has_adapter()
     # after a "kernel restart": a new launcher attaches to the folder and shows the same curves
-    again = RunLauncher(run=launcher.handle.run.path)
+    again = RunLauncher(run=launcher.handle.run.path, min_redraw_s=3600)
     assert len(again.figure.data[0].x) == points
+    # redraws are throttled: new lines within the interval wait for the next redraw
+    drawn = again.redraws
+    for step in range(points + 1, points + 11):
+        again.handle.run.log_metric({"step": step, "loss": 1.0})
+        again.refresh()
+    assert again.redraws == drawn and len(again.figure.data[0].x) == points
+    again.refresh(force=True)
+    assert again.redraws == drawn + 1 and len(again.figure.data[0].x) == points + 10
+    points += 10
     static = again.static_figure()
     assert len(static.data[0].x) == points
     # the history lists it; a second short run gives an overlay and a config diff

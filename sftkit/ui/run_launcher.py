@@ -259,9 +259,11 @@ class RunLauncher:
             self._metrics, self._samples = [], []
         self.message.value = f"run folder: <code>{html.escape(str(handle.run.path))}</code>"
         self._stop_polling = threading.Event()
-        self.refresh(force=True)
-        self._poller = threading.Thread(target=self._poll_loop, args=(self._stop_polling,), daemon=True)
-        self._poller.start()
+        if self.refresh(force=True) in ACTIVE_STATES:  # an ended run needs no poller
+            self._poller = threading.Thread(target=self._poll_loop, args=(self._stop_polling,), daemon=True)
+            self._poller.start()
+        else:
+            self._poller = None
 
     # ---- following ---------------------------------------------------------------------------
     def _poll_loop(self, stop: threading.Event):
