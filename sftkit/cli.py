@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 
@@ -50,7 +51,7 @@ def _cmd_train(args) -> int:
     from .engine.train import run_training
 
     result = run_training(cfg, run, resume=args.resume)
-    if result.run is not None and int(__import__("os").environ.get("RANK", "0")) == 0:
+    if result.run is not None and int(os.environ.get("RANK", "0")) == 0:  # one report under accelerate
         print(f"{result.state}: {result.message}\nrun folder: {result.run.path}", flush=True)
     return 0 if result.state in ("finished", "stopped") else 1
 

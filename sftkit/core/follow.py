@@ -33,7 +33,7 @@ class RunFollower:
 
     def poll(self) -> Update:
         status = self.run.read_status()
-        out = Update(status=status, state=self.run.state())
+        out = Update(status=status, state=self.run.state(status))
         # a resumed run rewrites metrics.jsonl shorter: start over when it shrank
         try:
             size = self.run.metrics_path.stat().st_size

@@ -276,10 +276,7 @@ class RunConfig:
     def from_dict(cls, data: dict) -> "RunConfig":
         if not isinstance(data, dict):
             raise RunConfigError(f"a run config is a mapping, got {type(data).__name__}")
-        allowed = [f.name for f in dataclasses.fields(cls)]
-        unknown = [k for k in data if k not in allowed]
-        if unknown:
-            raise RunConfigError(f"unknown field(s) {', '.join(map(str, unknown))}; allowed: {', '.join(allowed)}")
+        _refuse_unknown(cls, "", data)
         return cls(**data)
 
     def to_yaml(self) -> str:
@@ -320,12 +317,18 @@ class RunConfig:
         return cls.from_yaml(path.read_text(encoding="utf-8"), base_dir=path.parent)
 
 
-def _section(cls, key: str, values: dict):
+def _refuse_unknown(cls, key: str, values: dict) -> None:
+    """Fields not in dataclass ``cls`` are an error naming them (dotted under ``key``) and the allowed ones."""
     allowed = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in values if k not in allowed]
     if unknown:
-        raise RunConfigError(f"unknown field(s) {', '.join(f'{key}.{k}' for k in unknown)}; "
-                             f"{key} allows: {', '.join(allowed)}")
+        names = ", ".join(f"{key}.{k}" if key else str(k) for k in unknown)
+        raise RunConfigError(f"unknown field(s) {names}; " + (f"{key} allows: " if key else "allowed: ")
+                             + ", ".join(allowed))
+
+
+def _section(cls, key: str, values: dict):
+    _refuse_unknown(cls, key, values)
     try:
         return cls(**values)
     except TypeError as exc:  # a value of a type the checks did not expect
@@ -333,11 +336,7 @@ def _section(cls, key: str, values: dict):
 
 
 def _template(values: dict) -> Template:
-    allowed = [f.name for f in dataclasses.fields(Template)]
-    unknown = [k for k in values if k not in allowed]
-    if unknown:
-        raise RunConfigError(f"unknown field(s) {', '.join(f'template.{k}' for k in unknown)}; "
-                             f"template allows: {', '.join(allowed)}")
+    _refuse_unknown(Template, "template", values)
     try:
         return Template.from_dict(values)
     except ConfigError as exc:

@@ -185,9 +185,11 @@ class RunFolder:
         except (FileNotFoundError, json.JSONDecodeError):
             return {}
 
-    def state(self) -> str:
-        """The run's state; a run whose process died without saying so is ``interrupted``."""
-        status = self.read_status()
+    def state(self, status: dict | None = None) -> str:
+        """The run's state; a run whose process died without saying so is ``interrupted``.
+
+        status: a status already read (saves reading the file again)."""
+        status = self.read_status() if status is None else status
         state = status.get("state", "pending" if self.exists() else "missing")
         if state in ACTIVE_STATES:
             pid = status.get("pid")
@@ -229,7 +231,7 @@ class RunFolder:
         return found[-1][1] if found else None
 
     def has_adapter(self) -> bool:
-        return (self.adapter_dir / "adapter_config.json").is_file() or (self.adapter_dir / "config.json").is_file()
+        return (self.adapter_dir / "adapter_config.json").is_file()
 
     def summary(self) -> RunSummary:
         status = self.read_status()
@@ -237,7 +239,7 @@ class RunFolder:
         losses = [m for m in metrics if m.get("loss") is not None]
         evals = [m for m in metrics if m.get("eval_loss") is not None]
         return RunSummary(
-            name=self.name, path=self.path, state=self.state(), step=int(status.get("step") or 0),
+            name=self.name, path=self.path, state=self.state(status), step=int(status.get("step") or 0),
             max_steps=status.get("max_steps"), final_loss=losses[-1]["loss"] if losses else None,
             eval_loss=evals[-1]["eval_loss"] if evals else None, started_at=status.get("started_at"),
             seconds=status.get("seconds"), message=status.get("message", ""))

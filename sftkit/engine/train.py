@@ -401,7 +401,7 @@ def run_training(cfg: RunConfig, run: RunFolder | None = None, *, resume: bool =
             if not resume:
                 fields["started_at"] = now
             run.write_status(**fields)
-        if threading_main():
+        if _in_main_thread():
             signal.signal(signal.SIGTERM, on_signal)
         return _train(cfg, run, resume=resume, world=world, is_main=is_main, device=device,
                       compute_dtype=plan_words.compute_dtype, quantized=plan_words.quantization != "none",
@@ -430,7 +430,7 @@ def _process_start_time() -> float:
         return time.time()
 
 
-def threading_main() -> bool:
+def _in_main_thread() -> bool:
     import threading
 
     return threading.current_thread() is threading.main_thread()
