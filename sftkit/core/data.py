@@ -1,4 +1,4 @@
-"""Loading rows of data: JSONL, CSV, a list of dicts, or a ``datasets.Dataset``.
+"""Loading rows of data: JSONL, JSON, CSV, TSV, a list of dicts, or a ``datasets.Dataset``.
 
 Errors name the file and line. Splits are deterministic for a seed.
 """
@@ -62,10 +62,11 @@ def load_json(path: str | Path) -> list[dict]:
     return rows_from_list(obj, source=path.name)
 
 
-def load_csv(path: str | Path) -> list[dict]:
+def load_csv(path: str | Path, delimiter: str = ",") -> list[dict]:
+    """Rows of a CSV file with a header row (``delimiter="\t"`` for TSV)."""
     path = Path(path)
     text = _read_text(path)
-    reader = csv.DictReader(io.StringIO(text, newline=""))
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
     if not reader.fieldnames:
         raise DataError(f"{path.name} has no header row")
     rows: list[dict] = []
@@ -86,6 +87,11 @@ def load_csv(path: str | Path) -> list[dict]:
     return rows
 
 
+def load_tsv(path: str | Path) -> list[dict]:
+    """Rows of a tab-separated file with a header row."""
+    return load_csv(path, delimiter="\t")
+
+
 def rows_from_list(items: Sequence[Any], source: str = "data") -> list[dict]:
     rows = []
     for i, item in enumerate(items):
@@ -98,7 +104,7 @@ def rows_from_list(items: Sequence[Any], source: str = "data") -> list[dict]:
 
 
 def load_rows(source: Any) -> list[dict]:
-    """Rows as a list of dicts from a path (.jsonl/.json/.csv), a list of dicts, or a Dataset."""
+    """Rows as a list of dicts from a path (.jsonl/.json/.csv/.tsv), a list of dicts, or a Dataset."""
     if isinstance(source, (str, Path)):
         path = Path(source).expanduser()
         if not path.is_file():
@@ -108,15 +114,17 @@ def load_rows(source: Any) -> list[dict]:
             return load_jsonl(path)
         if suffix == ".json":
             return load_json(path)
-        if suffix in (".csv", ".tsv"):
+        if suffix == ".csv":
             return load_csv(path)
-        raise DataError(f"data file {path.name}: unknown type {suffix!r}; allowed: .jsonl, .json, .csv")
+        if suffix == ".tsv":
+            return load_tsv(path)
+        raise DataError(f"data file {path.name}: unknown type {suffix!r}; allowed: .jsonl, .json, .csv, .tsv")
     if hasattr(source, "to_list") and hasattr(source, "column_names"):  # datasets.Dataset
         return rows_from_list(source.to_list(), source="dataset")
     if isinstance(source, (list, tuple)):
         return rows_from_list(source)
     raise DataError(
-        f"can't read data from a {type(source).__name__}; pass a .jsonl/.json/.csv path, a list "
+        f"can't read data from a {type(source).__name__}; pass a .jsonl/.json/.csv/.tsv path, a list "
         "of dicts, or a datasets.Dataset"
     )
 

@@ -33,6 +33,46 @@ def _need(cond: bool, where: str, value: Any, allowed: str) -> None:
         raise RunConfigError(f"{where}={value!r} is not allowed; allowed: {allowed}")
 
 
+def _coerce_numbers(obj) -> None:
+    """Numeric strings in int/float fields become numbers, in place.
+
+    YAML 1.1 (PyYAML) reads ``2e-4`` or ``1e3`` as strings, and a quoted ``'8'`` is one too.
+    An int field takes ``'8'`` (or ``'1e3'``: a whole number); a float field takes any
+    finite number and keeps ``'3'`` an int (``training.warmup``: whole steps). Anything
+    else is left as it is, for the field's own check to refuse with its message.
+    """
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if not isinstance(value, str):
+            continue
+        kinds = {t.strip() for t in str(f.type).split("|")}
+        if "int" in kinds:
+            number = _parse_number(value, whole=True)
+        elif "float" in kinds:
+            number = _parse_number(value, whole=False)
+        else:
+            continue
+        if number is not None:
+            setattr(obj, f.name, number)
+
+
+def _parse_number(text: str, *, whole: bool) -> int | float | None:
+    text = text.strip()
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        number = float(text)
+    except ValueError:
+        return None
+    if not math.isfinite(number):
+        return None
+    if whole:
+        return int(number) if number.is_integer() else None
+    return number
+
+
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -52,6 +92,7 @@ class ModelConfig:
     attn_implementation: str = "sdpa"
 
     def __post_init__(self):
+        _coerce_numbers(self)
         _need(isinstance(self.spec, str) and bool(self.spec.strip()), "model.spec", self.spec,
               "'default', a hub id, a local folder or a .gguf file")
         _need(self.quantization in QUANTIZATIONS, "model.quantization", self.quantization, ", ".join(QUANTIZATIONS))
@@ -65,7 +106,7 @@ class ModelConfig:
 class DataConfig:
     """Where the rows come from and how they split.
 
-    source: ``teaching:<task>`` (a bundled teaching task) or a JSONL / JSON / CSV file.
+    source: ``teaching:<task>`` (a bundled teaching task) or a JSONL / JSON / CSV / TSV file.
     rows: teaching tasks: how many rows to generate; files: keep the first N (None: all).
     """
 
@@ -77,8 +118,9 @@ class DataConfig:
     sample_prompts: int = 3
 
     def __post_init__(self):
+        _coerce_numbers(self)
         _need(isinstance(self.source, str) and bool(self.source.strip()), "data.source", self.source,
-              "'teaching:<task>' or a path to a .jsonl, .json or .csv file")
+              "'teaching:<task>' or a path to a .jsonl, .json, .csv or .tsv file")
         _need(self.rows is None or (_is_int(self.rows) and self.rows >= 2), "data.rows", self.rows,
               "null (all) or an integer >= 2")
         _need(_is_num(self.eval_fraction) and 0 <= self.eval_fraction < 1, "data.eval_fraction",
@@ -115,6 +157,7 @@ class AdapterConfig:
     remove_train: list[str] = field(default_factory=list)
 
     def __post_init__(self):
+        _coerce_numbers(self)
         _need(self.preset in PRESETS, "adapter.preset", self.preset, ", ".join(PRESETS))
         _need(self.top_n is None or (_is_int(self.top_n) and self.top_n >= 1), "adapter.top_n", self.top_n,
               "null or an integer >= 1 (how many of the last blocks)")
@@ -160,6 +203,7 @@ class TrainingConfig:
     logging_every: int = 1
 
     def __post_init__(self):
+        _coerce_numbers(self)
         _need(_is_num(self.epochs) and 0 < self.epochs <= 1000, "training.epochs", self.epochs,
               "a number in (0, 1000]")
         _need(self.max_steps is None or (_is_int(self.max_steps) and self.max_steps >= 1), "training.max_steps",
@@ -236,6 +280,9 @@ class RunConfig:
                 raise RunConfigError(f"{key} must be a mapping of {cls.__name__} fields, got {type(value).__name__}")
         if isinstance(self.template, dict):
             self.template = _template(self.template)
+        _need(self.template is None or isinstance(self.template, Template), "template", self.template,
+              "a mapping of template fields (user_pattern, answer_field, system, examples, ...) or null "
+              "(the teaching task's own template)")
         if self.template is None and self.data.teaching_task is None:
             raise RunConfigError("template is null but data.source is not a teaching task: give a template "
                                  "(user_pattern, answer_field, ...) for your data")
@@ -340,7 +387,8 @@ def _template(values: dict) -> Template:
     try:
         return Template.from_dict(values)
     except ConfigError as exc:
-        raise RunConfigError(f"template: {exc}") from None
+        msg = str(exc)
+        raise RunConfigError(msg if msg.startswith("template.") else f"template: {msg}") from None
 
 
 def config_diff(a: RunConfig, b: RunConfig) -> list[tuple[str, Any, Any]]:

@@ -16,6 +16,7 @@ Pure Python: the tokenizer is passed in and used through its public methods.
 
 from __future__ import annotations
 
+import json
 import string
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,25 +33,43 @@ class TemplateError(ConfigError):
     """The template and the data don't fit together; the message names the field or rows."""
 
 
-def placeholders(pattern: str) -> list[str]:
-    """The ``{field}`` names a pattern uses, in order, without repeats."""
+def placeholders(pattern: str, where: str = "user_pattern") -> list[str]:
+    """The ``{name}`` placeholders a pattern uses, in order, without repeats.
+
+    Only plain names are allowed: a format spec (``{q:>9}``), a conversion (``{q!r}``),
+    an attribute or an index (``{q.x}``, ``{q[0]}``) is an error naming ``where``.
+    Literal braces are written ``{{`` and ``}}``.
+    """
     names: list[str] = []
     try:
         parsed = list(string.Formatter().parse(pattern))
     except ValueError as exc:
-        raise TemplateError(f"user_pattern {pattern!r} is not a valid pattern: {exc} "
+        raise TemplateError(f"{where} {pattern!r} is not a valid pattern: {exc} "
                             "(write literal braces as '{{' and '}}')") from exc
-    for _, name, _, _ in parsed:
+    for _, name, spec, conversion in parsed:
         if name is None:
             continue
+        if spec or conversion or (name and not name.isidentifier() and _looks_like_access(name)):
+            written = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+            raise TemplateError(
+                f"{where} has the placeholder {written}; allowed: only plain {{name}} placeholders "
+                "(no format spec ':...', conversion '!r', attribute '.x' or index '[0]'); "
+                "write literal braces as '{{' and '}}'"
+            )
         if name == "" or not name.isidentifier():
             raise TemplateError(
-                f"user_pattern has the placeholder {{{name}}}; placeholders must be column "
+                f"{where} has the placeholder {{{name}}}; placeholders must be column "
                 "names like {question} (write literal braces as '{{' and '}}')"
             )
         if name not in names:
             names.append(name)
     return names
+
+
+def _looks_like_access(name: str) -> bool:
+    """``q.attr`` or ``q[0]``: a name followed by attribute or index access."""
+    head = name.split(".", 1)[0].split("[", 1)[0]
+    return head != name
 
 
 def check_pattern_columns(pattern: str, columns: Sequence[str]) -> None:
@@ -134,16 +153,30 @@ class Template:
     max_length: int = 512
 
     def __post_init__(self):
-        if not isinstance(self.user_pattern, str) or not self.user_pattern.strip():
+        _need(isinstance(self.user_pattern, str), "user_pattern", self.user_pattern,
+              "a string with {column} placeholders, e.g. 'Question: {question}'")
+        if not self.user_pattern.strip():
             raise TemplateError("user_pattern is empty: write the user turn, e.g. 'Question: {question}'")
         placeholders(self.user_pattern)
-        if not isinstance(self.answer_field, str) or not self.answer_field:
+        _need(isinstance(self.answer_field, str), "answer_field", self.answer_field,
+              "a column name (a string)")
+        if not self.answer_field:
             raise TemplateError("answer_field is empty: name the column holding the answer")
-        if self.train_on not in TRAIN_ON:
-            raise TemplateError(f"train_on={self.train_on!r} is not allowed; allowed: {', '.join(TRAIN_ON)}")
-        if not isinstance(self.max_length, int) or self.max_length < 8:
-            raise TemplateError(f"max_length={self.max_length!r} is too small; allowed: an integer >= 8")
-        self.examples = [dict(e) for e in (self.examples or [])]
+        _need(self.system is None or isinstance(self.system, str), "system", self.system, "a string or null")
+        _need(isinstance(self.assistant_prefix, str), "assistant_prefix", self.assistant_prefix,
+              "a string ('' for none)")
+        if not (isinstance(self.train_on, str) and self.train_on in TRAIN_ON):
+            raise TemplateError(f"template.train_on={self.train_on!r} is not allowed; allowed: {', '.join(TRAIN_ON)}")
+        _need(_is_int(self.max_length), "max_length", self.max_length, "an integer >= 8")
+        if self.max_length < 8:
+            raise TemplateError(f"template.max_length={self.max_length!r} is too small; allowed: an integer >= 8")
+        examples = [] if self.examples is None else self.examples
+        _need(isinstance(examples, (list, tuple)), "examples", examples,
+              "a list of mappings (few-shot rows with the pattern's fields and the answer field)")
+        for i, ex in enumerate(examples):
+            _need(isinstance(ex, dict) and all(isinstance(k, str) for k in ex), f"examples[{i}]", ex,
+                  f"a mapping of field names to values ({', '.join(self.fields)})")
+        self.examples = [dict(e) for e in examples]
         for i, ex in enumerate(self.examples):
             missing = [f for f in self.fields if f not in ex]
             if missing:
@@ -256,27 +289,50 @@ class Template:
             )
 
     def check_rows(self, rows: Sequence[dict]) -> None:
-        """Rows missing a field or with an empty answer are errors naming the first rows."""
+        """Rows missing a field or with an empty answer are errors naming the first rows (0-based).
+
+        A missing input field, a missing (or null) answer field and an empty answer are
+        told apart; every problem found is in the one message.
+        """
         if not rows:
             raise TemplateError("the data has no rows")
         self.check_columns(_columns(rows))
         missing: list[int] = []
+        no_answer: list[int] = []
         empty: list[int] = []
         for i, row in enumerate(rows):
             if any(row.get(f) is None for f in self.input_fields):
                 missing.append(i)
-            elif _as_text(row.get(self.answer_field)).strip() == "":
+            answer = row.get(self.answer_field)
+            if answer is None:
+                if self.answer_field not in self.input_fields:  # else already counted as missing
+                    no_answer.append(i)
+            elif _as_text(answer).strip() == "":
                 empty.append(i)
+        problems = []
         if missing:
-            raise TemplateError(
-                f"{len(missing)} row(s) lack a value for {', '.join(self.input_fields)}: rows "
-                f"{_first(missing)} (0-based); fill or drop them"
-            )
+            problems.append(f"{len(missing)} row(s) lack a value for {', '.join(self.input_fields)}: rows "
+                            f"{_first(missing)} (0-based); fill or drop them")
+        if no_answer:
+            problems.append(f"{len(no_answer)} row(s) lack the answer field {self.answer_field!r}: rows "
+                            f"{_first(no_answer)} (0-based); fill or drop them")
         if empty:
-            raise TemplateError(
-                f"{len(empty)} row(s) have an empty {self.answer_field!r}: rows {_first(empty)} "
-                "(0-based); an empty answer trains nothing but the end of the turn"
-            )
+            problems.append(f"{len(empty)} row(s) have an empty {self.answer_field!r}: rows {_first(empty)} "
+                            "(0-based); an empty answer trains nothing but the end of the turn")
+        if problems:
+            raise TemplateError("; ".join(problems))
+
+    def structured_fields(self, rows: Sequence[dict]) -> dict[str, list[int]]:
+        """The template's fields that hold lists or dicts, with the rows (0-based) where they do.
+
+        Such values are rendered as JSON; a view can say so.
+        """
+        out: dict[str, list[int]] = {}
+        for f in self.fields:
+            hits = [i for i, row in enumerate(rows) if isinstance(row.get(f), (list, tuple, dict))]
+            if hits:
+                out[f] = hits
+        return out
 
     def validate(self, rows: Sequence[dict], tokenizer, *, with_examples: bool = True) -> ValidationReport:
         """Check data against the template before any compute: errors raise, warnings return.
@@ -333,7 +389,8 @@ class Template:
     @classmethod
     def from_dict(cls, data: dict) -> "Template":
         if not isinstance(data, dict):
-            raise TemplateError(f"a template must be a mapping, got {type(data).__name__}")
+            raise TemplateError(f"template={data!r} is not allowed; allowed: a mapping of template fields "
+                                f"({', '.join(cls.__dataclass_fields__)})")
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(data) - known)
         if unknown:
@@ -357,10 +414,30 @@ class Template:
 
 
 # ---- helpers --------------------------------------------------------------------------
-def _as_text(value: Any) -> str:
+def as_text(value: Any) -> str:
+    """A row value as the text that is trained on: lists and dicts as JSON, None as ''."""
     if value is None:
         return ""
-    return value if isinstance(value, str) else str(value)
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple, dict)):
+        try:
+            return json.dumps(value, ensure_ascii=False)
+        except (TypeError, ValueError):  # not JSON-able (e.g. a set inside): fall back to str
+            return str(value)
+    return str(value)
+
+
+_as_text = as_text
+
+
+def _need(cond: bool, name: str, value: Any, allowed: str) -> None:
+    if not cond:
+        raise TemplateError(f"template.{name}={value!r} is not allowed; allowed: {allowed}")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _columns(rows: Sequence[dict]) -> list[str]:

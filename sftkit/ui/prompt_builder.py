@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import ipywidgets as W
 
 from ..core.data import load_rows
-from ..core.template import Template, TemplateError, check_pattern_columns, placeholders
+from ..core.template import Template, TemplateError, as_text, check_pattern_columns, placeholders
 from ..core.tokens import readable_tokens
 from . import render
 
@@ -36,6 +36,10 @@ class PromptBuilder:
     template: the starting Template; by default the first column is the question and
         the last the answer.
     debounce: seconds to wait after typing before the preview updates (0: at once).
+
+    Any error while previewing, checking or trying (a template that doesn't fit the data,
+    a tokenizer's chat template that raises, ...) is shown in the view's message area,
+    never raised into the kernel or lost in a background thread; the view keeps working.
     """
 
     def __init__(self, rows: Any, tokenizer, model=None, template: Template | None = None, *,
@@ -52,6 +56,8 @@ class PromptBuilder:
         self.error: str | None = None
         self.rendered = None
         self.warnings: list[str] = []
+        self.notes: list[str] = []
+        self._lock = threading.RLock()  # the debounce timer and the kernel's thread both refresh
         self.answer_text = ""
         self._timer: threading.Timer | None = None
         self._thread: threading.Thread | None = None
@@ -92,11 +98,11 @@ class PromptBuilder:
             w.observe(self._on_edit, names="value")
         for w in (self.answer_field, self.train_on, self.row, self.mode):
             w.observe(self._on_choice, names="value")
-        self.add_row_button.on_click(lambda _: self.add_example(self.rows[self.row.value]))
-        self.add_blank_button.on_click(lambda _: self.add_example({f: "" for f in self._fields()}))
-        self.check_button.on_click(lambda _: self.check_all())
-        self.try_button.on_click(lambda _: self.try_it())
-        self.stop_button.on_click(lambda _: self.stop())
+        self.add_row_button.on_click(self._guard(lambda: self.add_example(self.rows[self.row.value])))
+        self.add_blank_button.on_click(self._guard(lambda: self.add_example({f: "" for f in self._fields()})))
+        self.check_button.on_click(self._guard(self.check_all))
+        self.try_button.on_click(self._guard(self.try_it))
+        self.stop_button.on_click(self._guard(self.stop))
 
         self.widget = W.VBox([
             W.HTML("<b>Prompt template</b>"),
@@ -151,7 +157,7 @@ class PromptBuilder:
     # ---- examples ---------------------------------------------------------------------
     def add_example(self, row: dict) -> None:
         fields = self._fields()
-        self._examples.append({f: "" if row.get(f) is None else str(row.get(f)) for f in fields})
+        self._examples.append({f: as_text(row.get(f)) for f in fields})
         if self.mode.value != "few-shot":
             self.mode.value = "few-shot"  # triggers a refresh
         self._rebuild_examples()
@@ -174,21 +180,45 @@ class PromptBuilder:
         for i, ex in enumerate(self._examples):
             inputs = []
             for f in list(ex):
-                t = W.Text(value=str(ex[f]), description=f, layout=W.Layout(width="45%"))
+                t = W.Text(value=as_text(ex[f]), description=f, layout=W.Layout(width="45%"))
                 t.observe(lambda ch, i=i, f=f: self._edit_example(i, f, ch["new"]), names="value")
                 inputs.append(t)
             up = W.Button(icon="arrow-up", layout=W.Layout(width="36px"), tooltip="move up")
             down = W.Button(icon="arrow-down", layout=W.Layout(width="36px"), tooltip="move down")
             rm = W.Button(icon="trash", layout=W.Layout(width="36px"), tooltip="remove")
-            up.on_click(lambda _, i=i: self.move_example(i, -1))
-            down.on_click(lambda _, i=i: self.move_example(i, +1))
-            rm.on_click(lambda _, i=i: self.remove_example(i))
+            up.on_click(self._guard(lambda i=i: self.move_example(i, -1)))
+            down.on_click(self._guard(lambda i=i: self.move_example(i, +1)))
+            rm.on_click(self._guard(lambda i=i: self.remove_example(i)))
             boxes.append(W.HBox([W.Label(f"{i + 1}."), *inputs, up, down, rm]))
         self.examples_box.children = boxes or [W.HTML("<i>none: zero-shot</i>")]
 
     def _edit_example(self, index: int, field: str, value: str) -> None:
         self._examples[index][field] = value
         self._on_edit(None)
+
+    # ---- errors ----------------------------------------------------------------------
+    def _show_error(self, exc: BaseException) -> None:
+        """Put an error into the message area (messages_html escapes it)."""
+        if isinstance(exc, TemplateError):
+            text = str(exc)
+        else:
+            text = f"{type(exc).__name__}: {exc}".rstrip(": ")
+        self.error = text
+        self.messages.value = render.messages_html([text], "error")
+
+    def _guard(self, fn):
+        """``fn`` as a widget callback (button click, timer): any exception goes to the message area."""
+
+        def run(*_args):
+            try:
+                fn()
+            except Exception as exc:  # shown in the view; the kernel and the view carry on
+                try:
+                    self._show_error(exc)
+                except Exception:
+                    pass
+
+        return run
 
     # ---- preview ---------------------------------------------------------------------
     def _on_edit(self, _change) -> None:
@@ -199,7 +229,7 @@ class PromptBuilder:
             return
         if self._timer is not None:
             self._timer.cancel()
-        self._timer = threading.Timer(self.debounce, self.refresh)
+        self._timer = threading.Timer(self.debounce, self._guard(self.refresh))
         self._timer.daemon = True
         self._timer.start()
 
@@ -208,17 +238,27 @@ class PromptBuilder:
             self.refresh()
 
     def refresh(self) -> None:
-        """Re-render the preview of the selected row (runs after typing stops)."""
+        """Re-render the preview of the selected row (runs after typing stops).
+
+        Errors (of the template, the data or the tokenizer) go to the message area; the
+        preview keeps the last good rendering.
+        """
+        with self._lock:
+            try:
+                self._refresh()
+            except Exception as exc:
+                self._show_error(exc)
+
+    def _json_notes(self, tpl: Template) -> list[str]:
+        return [f"field {name!r} holds lists/dicts in rows {_rows_text(rows)} (0-based): shown as JSON"
+                for name, rows in tpl.structured_fields(self.rows).items()]
+
+    def _refresh(self) -> None:
         row = self.rows[self.row.value]
         few = self.mode.value == "few-shot"
-        try:
-            tpl = self.build_template()
-            tpl.check_rows(self.rows)
-            r = tpl.render(row, self.tokenizer, with_examples=few)
-        except TemplateError as exc:
-            self.error = str(exc)
-            self.messages.value = render.messages_html([self.error], "error")
-            return
+        tpl = self.build_template()
+        tpl.check_rows(self.rows)
+        r = tpl.render(row, self.tokenizer, with_examples=few)
         self.error = None
         self._last_good = tpl
         self.rendered = r
@@ -242,20 +282,23 @@ class PromptBuilder:
                                                 truncated_at=tpl.max_length if r.truncated else None,
                                                 full_length=r.full_length)
         self.stats.value = render.stats_html(r.n_tokens, r.n_trained, tpl.max_length, r.prompt_length)
-        self.messages.value = render.messages_html(warnings, "warning")
+        self.notes = self._json_notes(tpl)
+        self.messages.value = render.messages_html(self.notes, "info") + render.messages_html(warnings, "warning")
 
     def check_all(self):
         """Validate every row (lengths, truncation, trained end-of-turn) and show the warnings."""
         try:
-            report = self.build_template().validate(self.rows, self.tokenizer,
-                                                    with_examples=self.mode.value == "few-shot")
-        except TemplateError as exc:
-            self.error = str(exc)
-            self.messages.value = render.messages_html([self.error], "error")
+            tpl = self.build_template()
+            report = tpl.validate(self.rows, self.tokenizer, with_examples=self.mode.value == "few-shot")
+        except Exception as exc:
+            self._show_error(exc)
             return None
+        self.error = None
         lengths = sorted(report.lengths)
         info = [f"{report.n_rows} rows checked: median {lengths[len(lengths) // 2]} tokens, "
                 f"longest {lengths[-1]}; {report.n_too_long} longer than max_length."]
+        self.notes = self._json_notes(tpl)
+        info += self.notes
         self.warnings = list(report.warnings)
         self.messages.value = render.messages_html(info, "info") + render.messages_html(self.warnings, "warning")
         return report
@@ -269,12 +312,12 @@ class PromptBuilder:
 
         try:
             tpl = self.build_template()
-        except TemplateError as exc:
-            self.messages.value = render.messages_html([str(exc)], "error")
+        except Exception as exc:
+            self._show_error(exc)
             return
         row = self.rows[self.row.value]
         few = self.mode.value == "few-shot"
-        expected = str(row.get(tpl.answer_field, ""))
+        expected = as_text(row.get(tpl.answer_field))
         self._stop.clear()
         self.answer_text = ""
         self.try_button.disabled, self.stop_button.disabled = True, False
@@ -327,6 +370,11 @@ class PromptBuilder:
             f'<div style="font-family:monospace;color:#6b7280"><b>Dataset:</b> {html.escape(expected)}</div>'
             f'<div style="color:#6b7280">{state}{match}</div>'
         )
+
+
+def _rows_text(rows: list[int], n: int = 5) -> str:
+    shown = ", ".join(map(str, rows[:n]))
+    return shown + (f" and {len(rows) - n} more" if len(rows) > n else "")
 
 
 __all__: Sequence[str] = ["PromptBuilder"]
