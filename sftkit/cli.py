@@ -41,17 +41,31 @@ def _cmd_prepare(args) -> int:
 
 def _cmd_train(args) -> int:
     from .core.runconfig import RunConfig
+    from .core.runopen import open_run
     from .core.runstore import RunFolder
 
     run = RunFolder(args.run_dir) if args.run_dir else None
     if args.resume and run is None:
         print("--resume needs --run-dir (the run folder to continue)", file=sys.stderr)
         return 2
-    cfg = RunConfig.load(args.config) if not (args.resume and args.config is None) else run.config()
+    if args.config is None and not args.resume:
+        print("give a run config (see `sftkit example-config`), or --resume --run-dir RUN", file=sys.stderr)
+        return 2
+    cfg = RunConfig.load(args.config) if args.config is not None else run.config()
+    opened = None
+    if int(os.environ.get("RANK", "0")) == 0:
+        # the folder is checked, locked and given a status with this process's identity before the
+        # training stack is imported (seconds), so no interrupt leaves a run without a status
+        opened = open_run(cfg, run, resume=args.resume, allow_changed_data=args.allow_changed_data)
     from .engine.train import run_training
 
-    result = run_training(cfg, run, resume=args.resume)
-    if result.run is not None and int(os.environ.get("RANK", "0")) == 0:  # one report under accelerate
+    try:
+        result = run_training(cfg, opened.run if opened else run, resume=args.resume, opened=opened)
+    except BaseException:
+        if opened is not None:
+            opened.close()
+        raise
+    if result.run is not None and opened is not None:  # one report under accelerate
         print(f"{result.state}: {result.message}\nrun folder: {result.run.path}", flush=True)
     return 0 if result.state in ("finished", "stopped") else 1
 
@@ -94,8 +108,9 @@ def _cmd_stop(args) -> int:
     if not run.exists():
         print(f"{args.run} is not a run folder", file=sys.stderr)
         return 2
-    if not run.is_active():
-        print(f"run {run.name} is {run.state()}; nothing to stop")
+    reading = run.reading()
+    if not reading.state.active:
+        print(f"run {run.name} is {reading.state}; nothing to stop")
         return 0
     run.request_stop("stop requested from the command line")
     print(f"asked {run.name} to stop at its next step; it saves the adapter first")
@@ -105,7 +120,7 @@ def _cmd_stop(args) -> int:
 def _cmd_merge(args) -> int:
     from .engine.output import merge_and_save
 
-    out = merge_and_save(args.run, args.output)
+    out = merge_and_save(args.run, args.output, force=args.force)
     print(f"merged model written to {out}")
     return 0
 
@@ -122,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", help="the run's YAML (see `sftkit example-config`)")
     p.add_argument("--run-dir", help="the run folder to write (default: a new one in the config's store)")
     p.add_argument("--resume", action="store_true", help="continue --run-dir from its last checkpoint")
+    p.add_argument("--allow-changed-data", action="store_true",
+                   help="with --resume: continue even though the data's content changed since the run started")
     p.set_defaults(func=_cmd_train)
     p = sub.add_parser("example-config", help="print a complete, commented run config for the default model")
     p.add_argument("-o", "--output", help="write it to this file instead of printing it")
@@ -134,7 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_stop)
     p = sub.add_parser("merge", help="merge a run's adapter into the base model and save it (safetensors)")
     p.add_argument("run", help="the run folder")
-    p.add_argument("output", help="the folder for the merged model")
+    p.add_argument("output", help="the folder for the merged model (new, empty, or an earlier merge's)")
+    p.add_argument("--force", action="store_true",
+                   help="replace OUTPUT even if it is a non-empty folder sftkit did not write")
     p.set_defaults(func=_cmd_merge)
     return parser
 

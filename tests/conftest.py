@@ -1,10 +1,28 @@
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
 # Tests never reach a model hub: cached files only, and no telemetry.
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+# the converted default model lives in the user's sftkit cache (`make test` converts it once);
+# everything else a test makes (device locks, temporary folders) goes to a cache of its own
+from sftkit.core.paths import models_cache_dir  # noqa: E402
+
+SHARED_MODELS = models_cache_dir()
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory, monkeypatch) -> Path:
+    """Each test gets its own sftkit cache (locks included); converted models are shared by a link."""
+    cache = tmp_path_factory.mktemp("sftkit-cache")
+    SHARED_MODELS.mkdir(parents=True, exist_ok=True)
+    (cache / "models").symlink_to(SHARED_MODELS, target_is_directory=True)
+    monkeypatch.setenv("SFTKIT_CACHE_DIR", str(cache))
+    return cache
 
 
 @pytest.fixture(scope="session")
@@ -21,3 +39,37 @@ def tiny_llama_dir(tmp_path_factory, default_model_folder) -> Path:
     from helpers import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny-llama"), "llama", default_model_folder)
+
+
+# ---- the clone stays clean ----------------------------------------------------------------------
+_EXPECTED = ("__pycache__", ".pytest_cache", ".ipynb_checkpoints")
+
+
+def _tree_state() -> set[str] | None:
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--ignored", "--untracked-files=all"], cwd=REPO,
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    return {line[3:] for line in out.stdout.splitlines()
+            if not any(part in line for part in _EXPECTED) and not line[3:].startswith(".venv/")}
+
+
+def pytest_sessionstart(session):
+    session.config._sftkit_tree = _tree_state()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    before = getattr(session.config, "_sftkit_tree", None)
+    after = _tree_state()
+    if before is None or after is None:
+        return
+    new = sorted(after - before)
+    if new:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line("tests left files in the repository (they belong in temporary folders): "
+                                + ", ".join(new[:20]), red=True)
+        session.exitstatus = 1

@@ -1,6 +1,7 @@
 """RunConfig YAML round trips and validation; the run store's files. Pure Python, no models."""
 
 import json
+import socket
 import os
 import subprocess
 import sys
@@ -9,7 +10,8 @@ import pytest
 
 from sftkit.core.examples import example_config, example_config_yaml
 from sftkit.core.runconfig import PRESETS, RunConfig, RunConfigError, config_diff
-from sftkit.core.runstore import DeviceBusyError, DeviceLock, RunFolder, RunStore, read_jsonl
+from sftkit.core.runproto import ProcessId
+from sftkit.core.runstore import DeviceBusyError, DeviceLock, RunFolder, RunStore, RunWriter, read_jsonl
 from sftkit.core.template import Template
 
 
@@ -99,16 +101,21 @@ def test_run_store_folders_and_torn_lines(tmp_path):
     assert a.name != b.name and a.name.endswith("-x-y")
     example_config().save(a.config_path)
     assert store.runs() == [a]  # b has no config yet: not a run
-    a.log_metric({"step": 1, "loss": 2.0})
+    writer = RunWriter(a)
+    writer.metric({"step": 1, "loss": 2.0})
     with open(a.metrics_path, "a") as fh:
         fh.write('{"step": 2, "lo')  # a write cut short by a kill
     rows, offset = read_jsonl(a.metrics_path)
-    assert rows == [{"step": 1, "loss": 2.0}] and offset == len('{"step": 1, "loss": 2.0}\n')
+    assert rows == [{"schema": 1, "step": 1, "loss": 2.0}] and offset == len(a.metrics_path.read_bytes()) - 15
+    assert a.metrics() == [{"step": 1, "loss": 2.0}]
     # a process that died while running reads as interrupted
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    a.write_status(state="running", pid=int(dead.stdout))
+    gone = RunWriter(a, process=ProcessId(int(dead.stdout), None, socket.gethostname()))
+    gone.status("pending")
+    gone.status("running")
     assert a.state() == "interrupted"
-    a.write_status(state="running", pid=os.getpid())
+    writer.status("pending")
+    writer.status("running")
     assert a.state() == "running" and a.is_active()
     # only checkpoints with the completion marker count
     (a.checkpoints_dir / "checkpoint-2").mkdir(parents=True)

@@ -134,7 +134,7 @@ def test_example_run_learns_and_resume_repeats_it(default_model_folder, tmp_path
     shutil.copytree(full.path, cut.path)
     shutil.rmtree(cut.checkpoints_dir / "checkpoint-24")
     shutil.rmtree(cut.adapter_dir)
-    cut.write_status(state="stopped", pid=None)
+    assert cut.state() == "finished"  # an ended run (the copy's status names no live writer of its own)
     assert cut.last_checkpoint().name == "checkpoint-16"
     result = run_training(cut.config(), cut, resume=True)
     assert result.state == "finished", cut.read_status()
@@ -208,7 +208,8 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_llama_dir, tm
     handle = launch(cfg, env={"SFTKIT_FAULT_NAN_AT_STEP": "5"})
     assert handle.wait(120) == "failed"
     status = handle.run.read_status()
-    assert "nan at step 5" in status["message"] and "checkpoints/checkpoint-4" in status["message"], status
+    assert "non-finite (NaN or inf) at step 5" in status["message"], status
+    assert "checkpoints/checkpoint-4" in status["message"], status
     assert handle.run.last_checkpoint().name == "checkpoint-4"
     assert not handle.run.has_adapter()
     assert max(losses(handle.run)) == 5 and math.isnan(losses(handle.run)[5])
@@ -331,21 +332,26 @@ def test_a_run_process_that_cannot_start_ends_as_failed_with_its_log(tiny_llama_
     from sftkit.engine.launch import launch
 
     handle = launch(tiny_config(tiny_llama_dir, tmp_path / "runs"), env={"PYTHONHOME": str(tmp_path / "nowhere")})
-    handle.process.wait(60)
-    assert handle.state == "failed"
+    assert handle.wait(60) == "failed"  # the handle records why its own process ended
     message = handle.run.read_status()["message"]
     assert "exited (code" in message and "run.log" in message
     assert handle.poll().state == "failed"
 
 
-def test_model_errors_in_the_run_process_end_the_run_with_the_message(tmp_path, cache):
+def test_model_errors_come_before_the_process_or_end_the_run_with_the_message(tmp_path, cache):
+    from sftkit.core.errors import ModelNotFoundError
     from sftkit.engine.launch import launch
+    from sftkit.engine.train import run_training
 
     cfg = tiny_config(tmp_path / "no-such-model", tmp_path / "runs")
-    handle = launch(cfg)
-    assert handle.wait(120) == "failed"
-    assert "no-such-model" in handle.run.read_status()["message"]
-    assert [e["event"] for e in handle.run.events()] == ["failed"]
+    with pytest.raises(ModelNotFoundError, match="no-such-model"):
+        launch(cfg)  # the launcher loads the tokenizer to render the rows: no folder, no process
+    assert not (tmp_path / "runs").exists() or RunStore(tmp_path / "runs").runs() == []
+    with pytest.raises(ModelNotFoundError):  # the same error inside a run process ends the run with it
+        run_training(cfg)
+    run = RunStore(tmp_path / "runs").latest()
+    assert run.state() == "failed" and "no-such-model" in run.read_status()["message"]
+    assert [e["event"] for e in run.events()] == ["failed"]
 
 
 def test_stop_while_the_model_loads_is_kept(tiny_llama_dir, tmp_path, cache):

@@ -49,3 +49,76 @@ def run_rows(cfg: RunConfig) -> RunRows:
                              "set data.eval_fraction > 0")
     pool = evals or train
     return RunRows(template, train, evals, pool[: d.sample_prompts])
+
+
+# ---- rendering: what each row trains -------------------------------------------------------------
+@dataclass(frozen=True)
+class RowReport:
+    """What rendering the rows found: rows with nothing to train (dropped), rows cut at
+    max_length, rows whose end-of-turn was cut (the model would not learn to stop)."""
+
+    split: str
+    n_rows: int
+    max_length: int
+    dropped: tuple[int, ...] = ()
+    truncated: tuple[int, ...] = ()
+    end_cut: tuple[int, ...] = ()
+
+    @property
+    def n_kept(self) -> int:
+        return self.n_rows - len(self.dropped)
+
+    def lines(self) -> list[str]:
+        def first(ix):
+            shown = ", ".join(str(i) for i in ix[:8])
+            return shown + (f", ... ({len(ix)} in all)" if len(ix) > 8 else "")
+
+        out = []
+        if self.dropped:
+            out.append(f"{len(self.dropped)} of {self.n_rows} {self.split} row(s) have zero trained tokens after "
+                       f"truncation to max_length={self.max_length} (rows {first(self.dropped)}, 0-based): "
+                       "they are left out")
+        if self.truncated:
+            out.append(f"{len(self.truncated)} {self.split} row(s) are cut at max_length={self.max_length} "
+                       f"(rows {first(self.truncated)})")
+        if self.end_cut:
+            out.append(f"{len(self.end_cut)} {self.split} row(s) lose their end-of-turn token to truncation (rows "
+                       f"{first(self.end_cut)}): raise training.max_length so the model learns to stop")
+        return out
+
+    def to_dict(self) -> dict:
+        return {"split": self.split, "rows": self.n_rows, "max_length": self.max_length,
+                "dropped": list(self.dropped), "truncated": list(self.truncated), "end_cut": list(self.end_cut)}
+
+
+def render_rows(template: Template, rows: list[dict], tokenizer, *, split: str = "train"):
+    """Token ids and labels (-100 where not trained) for each row that trains something, and
+    a RowReport. Raises DataError when no row trains anything."""
+    examples: list[dict] = []
+    dropped: list[int] = []
+    truncated: list[int] = []
+    end_cut: list[int] = []
+    for i, row in enumerate(rows):
+        ex = template.render(row, tokenizer, with_examples=False)
+        if ex.truncated:
+            truncated.append(i)
+        if ex.n_trained == 0:
+            dropped.append(i)
+            continue
+        if not ex.end_trained:
+            end_cut.append(i)
+        examples.append({"input_ids": list(ex.input_ids), "labels": ex.labels})
+    report = RowReport(split, len(rows), template.max_length, tuple(dropped), tuple(truncated), tuple(end_cut))
+    if rows and not examples:
+        raise DataError(f"no {split} row has a trained token: every prompt fills max_length={template.max_length} "
+                        "(training.max_length, or the template's max_length). Raise it, or shorten the prompts.")
+    return examples, report
+
+
+def rows_fingerprint(rows: RunRows) -> str:
+    """A content hash of the rows a run trains and evaluates on (the split included)."""
+    import hashlib
+    import json
+
+    payload = json.dumps({"train": rows.train, "eval": rows.eval}, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()

@@ -3,58 +3,55 @@
 A run folder holds::
 
     config.yaml      the RunConfig it ran with
-    status.json      state, step, pid, heartbeat, message (rewritten atomically)
+    status.json      state, step, process, heartbeat, message (rewritten atomically)
     metrics.jsonl    one JSON object per logged step: step, loss, lr, grad_norm, tokens_per_s, ...
-    events.jsonl     started, checkpoint, eval, sample, stopped, finished, failed, resumed
+    events.jsonl     started, checkpoint, eval, sample, stopped, finished, failed, resumed, ...
     samples.jsonl    generations from fixed held-out prompts during the run
     run.log          the run process's output
+    run.lock         held (an OS lock) by the one process writing the run
     adapter/         the trained adapter (peft.PeftModel.from_pretrained loads it)
     checkpoints/     checkpoint-N folders (complete ones carry a marker file)
 
-JSONL lines are appended with one write each; readers skip a torn last line. Every other
-file is written to a temporary name and renamed. Pure Python, no torch.
+What the files mean is the run protocol (``runproto``). The run process writes through one
+``RunWriter``; the launcher writes only the folder's first ``pending`` status, the STOP request
+and, for a process it started and saw die, ``reconcile``'s verdict. Reading never writes.
+
+JSONL lines are appended whole (short writes are finished or cut back); readers skip a torn
+last line. Every other file is written to a temporary name and renamed. Pure Python, no torch.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 from .atomic import write_text_atomic
 from .errors import ConfigError
 from .paths import cache_dir
+from .runproto import (ACTIVE_STATES, END_STATES, HEARTBEAT_S, SCHEMA_VERSION, Event, Metric, ProcessId, Reading,
+                       RunState, Status, check_transition, effective_state, reconcile, sample_row)
 
-ACTIVE_STATES = ("pending", "running", "stopping")
-END_STATES = ("finished", "stopped", "failed", "interrupted")
+__all__ = ["ACTIVE_STATES", "END_STATES", "CHECKPOINT_MARKER", "RunStateError", "RunBusyError", "RunFolder",
+           "RunWriter", "RunStore", "RunSummary", "DeviceLock", "DeviceBusyError", "busy_message", "read_jsonl",
+           "append_jsonl"]
+
 CHECKPOINT_MARKER = "sftkit-complete.json"
-HEARTBEAT_SECONDS = 2.0
 
 
 class RunStateError(ConfigError):
     """The run can't do that in its current state (resume a running run, ...)."""
 
 
-def _pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (exited, not yet reaped by its parent) is not running
-        with open(f"/proc/{int(pid)}/stat", encoding="ascii") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
+class RunBusyError(RunStateError):
+    """Another process is writing this run."""
 
 
 def read_jsonl(path: Path, offset: int = 0) -> tuple[list[dict], int]:
@@ -73,16 +70,32 @@ def read_jsonl(path: Path, offset: int = 0) -> tuple[list[dict], int]:
         if line.strip():
             try:
                 out.append(json.loads(line))
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, UnicodeDecodeError):
                 continue
     return out, offset + end + 1
 
 
 def append_jsonl(path: Path, record: dict) -> None:
+    """Append one record as one whole line: a short write is finished; on an error (a full
+    disk) the file is cut back to where it was, so no torn line is left for the next record."""
     line = (json.dumps(record, ensure_ascii=False, allow_nan=True) + "\n").encode("utf-8")
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        os.write(fd, line)
+        size = os.fstat(fd).st_size
+        done = 0
+        try:
+            while done < len(line):
+                n = os.write(fd, line[done:])
+                if n <= 0:
+                    raise OSError(errno.ENOSPC, f"no progress writing {path}")
+                done += n
+        except BaseException:
+            if done:
+                try:
+                    os.ftruncate(fd, size)
+                except OSError:
+                    pass
+            raise
     finally:
         os.close(fd)
 
@@ -107,7 +120,7 @@ class RunSummary:
 
 
 class RunFolder:
-    """One run's folder: write side (the run process) and read side (views, CLI)."""
+    """One run's folder, read side (views, CLI, launcher). The run process writes with RunWriter."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -132,6 +145,7 @@ class RunFolder:
     events_path = property(lambda self: self.path / "events.jsonl")
     samples_path = property(lambda self: self.path / "samples.jsonl")
     log_path = property(lambda self: self.path / "run.log")
+    lock_path = property(lambda self: self.path / "run.lock")
     adapter_dir = property(lambda self: self.path / "adapter")
     checkpoints_dir = property(lambda self: self.path / "checkpoints")
     stop_path = property(lambda self: self.path / "STOP")
@@ -139,28 +153,47 @@ class RunFolder:
     def exists(self) -> bool:
         return self.config_path.is_file()
 
-    # ---- writing (the run process) ------------------------------------------------------
-    def write_status(self, **fields) -> dict:
-        status = self.read_status()
-        status.update(fields)
-        status["heartbeat"] = time.time()
-        write_text_atomic(self.status_path, json.dumps(status, indent=1, allow_nan=True))
+    # ---- the launcher's writes ------------------------------------------------------------
+    def write_launch_status(self, message: str) -> Status:
+        """The first ``pending`` of a launch or resume (before the run process exists).
+
+        Refuses while the run is active: a live run's folder is its process's alone."""
+        reading = self.reading()
+        if reading.state.active and reading.status.state is not None:
+            raise RunStateError(f"run {self.name} is {reading.state}; only a run that has ended can be started again")
+        old = reading.status
+        status = Status(state=RunState.PENDING, message=message, heartbeat=time.time(), step=old.step,
+                        max_steps=old.max_steps, attempt=old.attempt, started_at=old.started_at,
+                        data_sha256=old.data_sha256, device=old.device, plan=old.plan)
+        write_text_atomic(self.status_path, json.dumps(status.to_dict(), indent=1, allow_nan=True))
         return status
 
-    def log_metric(self, record: dict) -> None:
-        append_jsonl(self.metrics_path, record)
-
-    def log_event(self, kind: str, **fields) -> None:
-        append_jsonl(self.events_path, {"event": kind, "time": time.time(), **fields})
-
-    def log_sample(self, record: dict) -> None:
-        append_jsonl(self.samples_path, record)
+    def write_reconciled(self, status: Status, expected: Status) -> bool:
+        """Record ``reconcile``'s verdict for a run whose writer is gone, only if the status is still
+        ``expected`` (the one the verdict was made on) and no process holds the run's lock: a run
+        resumed meanwhile by someone else is left alone. True if written."""
+        lock = RunLock(self)
+        try:
+            lock.acquire()
+        except RunBusyError:
+            return False
+        try:
+            if self.status() != expected:
+                return False
+            write_text_atomic(self.status_path, json.dumps(status.to_dict(), indent=1, allow_nan=True))
+            return True
+        finally:
+            lock.release()
 
     def truncate_metrics(self, last_step: int) -> None:
-        """Keep only metrics (and samples) up to ``last_step``: a resumed run rewrites the rest."""
+        """Keep only metrics (and samples) up to ``last_step``: a resumed run rewrites the rest.
+
+        The files are replaced (a new inode), so a follower notices even if they grow back past
+        their old size before its next look."""
         for path in (self.metrics_path, self.samples_path):
             rows, _ = read_jsonl(path)
-            kept = [r for r in rows if r.get("step", 0) <= last_step]
+            kept = [r for r in rows if isinstance(r, dict) and isinstance(r.get("step"), int)
+                    and r["step"] <= last_step]
             write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
 
     # ---- stop requests ------------------------------------------------------------------
@@ -178,38 +211,55 @@ class RunFolder:
         except FileNotFoundError:
             pass
 
-    # ---- reading --------------------------------------------------------------------
+    # ---- reading (never writes) ------------------------------------------------------------
     def read_status(self) -> dict:
+        """status.json as it is on disk (a dict; {} when missing or unreadable)."""
         try:
-            return json.loads(self.status_path.read_text(encoding="utf-8"))
-        except (FileNotFoundError, json.JSONDecodeError):
+            data = json.loads(self.status_path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
             return {}
+        return data if isinstance(data, dict) else {}
 
-    def state(self, status: dict | None = None) -> str:
-        """The run's state; a run whose process died without saying so is ``interrupted``.
+    def status(self) -> Status:
+        return Status.from_dict(self.read_status())
 
-        status: a status already read (saves reading the file again)."""
-        status = self.read_status() if status is None else status
-        state = status.get("state", "pending" if self.exists() else "missing")
-        if state in ACTIVE_STATES:
-            pid = status.get("pid")
-            if pid and not _pid_alive(pid):
-                return "interrupted"
-            if not pid and time.time() - status.get("heartbeat", time.time()) > 120:
-                return "interrupted"
-        return state
+    def _config_age(self) -> float | None:
+        try:
+            return time.time() - self.config_path.stat().st_mtime
+        except OSError:
+            return None
+
+    def reading(self, status: Status | None = None) -> Reading:
+        """The run's state now (a run whose process died without saying so is ``interrupted``)."""
+        status = self.status() if status is None else status
+        return effective_state(status, folder_age_s=self._config_age())
+
+    def state(self, status: Status | None = None) -> str:
+        if status is None and not self.exists() and not self.status_path.exists():
+            return "missing"
+        return self.reading(status).state.value
 
     def is_active(self) -> bool:
-        return self.state() in ACTIVE_STATES
+        return self.reading().state.active
 
     def metrics(self) -> list[dict]:
-        return read_jsonl(self.metrics_path)[0]
+        out = []
+        for d in read_jsonl(self.metrics_path)[0]:
+            m = Metric.from_dict(d)
+            if m is not None:
+                out.append(m.row())
+        return out
 
     def events(self) -> list[dict]:
-        return read_jsonl(self.events_path)[0]
+        out = []
+        for d in read_jsonl(self.events_path)[0]:
+            e = Event.from_dict(d)
+            if e is not None:
+                out.append({"event": e.kind, "time": e.time, **e.fields})
+        return out
 
     def samples(self) -> list[dict]:
-        return read_jsonl(self.samples_path)[0]
+        return [s for s in map(sample_row, read_jsonl(self.samples_path)[0]) if s is not None]
 
     def config(self):
         from .runconfig import RunConfig
@@ -234,15 +284,123 @@ class RunFolder:
         return (self.adapter_dir / "adapter_config.json").is_file()
 
     def summary(self) -> RunSummary:
-        status = self.read_status()
+        reading = self.reading()
+        status = reading.status
         metrics = self.metrics()
         losses = [m for m in metrics if m.get("loss") is not None]
         evals = [m for m in metrics if m.get("eval_loss") is not None]
         return RunSummary(
-            name=self.name, path=self.path, state=self.state(status), step=int(status.get("step") or 0),
-            max_steps=status.get("max_steps"), final_loss=losses[-1]["loss"] if losses else None,
-            eval_loss=evals[-1]["eval_loss"] if evals else None, started_at=status.get("started_at"),
-            seconds=status.get("seconds"), message=status.get("message", ""))
+            name=self.name, path=self.path, state=reading.state.value, step=status.step,
+            max_steps=status.max_steps, final_loss=losses[-1]["loss"] if losses else None,
+            eval_loss=evals[-1]["eval_loss"] if evals else None, started_at=status.started_at,
+            seconds=status.seconds, message=reading.message)
+
+
+class RunLock:
+    """The run's own lock: one process writes a run folder at a time (an OS lock on run.lock,
+    gone with the process even after ``kill -9``)."""
+
+    def __init__(self, run: RunFolder):
+        self.run = run
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        import fcntl
+
+        fd = os.open(self.run.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RunBusyError(f"another process is writing run {self.run.name} ({self.run.path}); "
+                               "one process per run") from None
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            import fcntl
+
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+class RunWriter:
+    """The run process's one writer of its folder: status (with checked transitions and a
+    heartbeat beaten from a thread), metrics, events and samples."""
+
+    def __init__(self, run: RunFolder, *, resume: bool = False, process: ProcessId | None = None):
+        self.run = run
+        self.process = process or ProcessId.current()
+        self._lock = threading.Lock()
+        old = run.status()
+        attempt = old.attempt + 1 if resume else old.attempt  # followers start over on a new attempt
+        base = old if old.state is not None else Status()
+        self._status = base.with_changes(process=self.process, attempt=attempt, schema=SCHEMA_VERSION)
+        # what the run is now: a dead writer's "running" counts as interrupted, which may resume
+        self._state_on_disk = run.reading(old).state if old.state is not None else None
+        self._beat_stop: threading.Event | None = None
+        self._beat_thread: threading.Thread | None = None
+
+    @property
+    def current(self) -> Status:
+        return self._status
+
+    def _write(self) -> None:
+        status = self._status.with_changes(heartbeat=time.time())
+        write_text_atomic(self.run.status_path, json.dumps(status.to_dict(), indent=1, allow_nan=True))
+        self._status = status
+
+    def status(self, state: RunState | str | None = None, **fields) -> Status:
+        with self._lock:
+            if state is not None:
+                new = RunState(state)
+                check_transition(self._state_on_disk, new)
+                fields["state"] = new
+            self._status = self._status.with_changes(**fields)
+            self._write()
+            self._state_on_disk = self._status.state
+            return self._status
+
+    def beat(self) -> None:
+        with self._lock:
+            if self._status.state is not None and self._status.state.active:
+                self._write()
+
+    def start_heartbeat(self, interval: float = HEARTBEAT_S) -> None:
+        """Beat from a thread, so a long step or checkpoint is not taken for a dead process."""
+        if self._beat_thread is not None:
+            return
+        stop = threading.Event()
+
+        def loop():
+            while not stop.wait(interval):
+                try:
+                    self.beat()
+                except OSError:
+                    pass  # a full disk: the next beat tries again
+
+        self._beat_stop = stop
+        self._beat_thread = threading.Thread(target=loop, name=f"sftkit-heartbeat-{self.run.name}", daemon=True)
+        self._beat_thread.start()
+
+    def stop_heartbeat(self) -> None:
+        if self._beat_stop is not None:
+            self._beat_stop.set()
+            self._beat_thread.join(timeout=5)
+            self._beat_stop = self._beat_thread = None
+
+    def metric(self, record: dict) -> None:
+        append_jsonl(self.run.metrics_path, {"schema": SCHEMA_VERSION, **record})
+
+    def event(self, kind: str, **fields) -> None:
+        e = Event(kind, time.time(), fields)
+        if Event.from_dict(e.to_dict()) is None:
+            raise ValueError(f"unknown event kind {kind!r}")
+        append_jsonl(self.run.events_path, e.to_dict())
+
+    def sample(self, record: dict) -> None:
+        append_jsonl(self.run.samples_path, {"schema": SCHEMA_VERSION, **record})
 
 
 class RunStore:
@@ -290,9 +448,19 @@ class RunStore:
         return [r.summary().row() for r in self.runs()]
 
     def remove(self, name: str) -> None:
+        """Delete a run folder: only a folder directly inside this store that is an sftkit run
+        (its config.yaml loads as a run config) and that is not active."""
         run = self.get(name)
-        if run.is_active():
-            raise RunStateError(f"run {run.name} is {run.state()}; stop it before removing it")
+        if run.path.is_symlink() or run.path.resolve().parent != self.root.resolve():
+            raise RunStateError(f"{run.path} is not a folder of the store {self.root}; sftkit removes only "
+                                "run folders inside the store")
+        try:
+            run.config()
+        except ConfigError as exc:
+            raise RunStateError(f"{run.path} is not an sftkit run ({exc}); not removed") from None
+        reading = run.reading()
+        if reading.state.active:
+            raise RunStateError(f"run {run.name} is {reading.state}; stop it before removing it")
         shutil.rmtree(run.path)
 
 
@@ -319,13 +487,14 @@ class DeviceLock:
 
         if not self.path.exists():
             return None
-        fd = os.open(self.path, os.O_RDWR)
+        fd = os.open(self.path, os.O_RDONLY)
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            try:  # a shared probe: it never makes a holder's exclusive lock fail
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
                 try:
-                    return json.loads(self.path.read_text(encoding="utf-8") or "{}")
+                    data = json.loads(self.path.read_text(encoding="utf-8") or "{}")
+                    return data if isinstance(data, dict) else {}
                 except (OSError, json.JSONDecodeError):
                     return {}
             fcntl.flock(fd, fcntl.LOCK_UN)
@@ -333,16 +502,20 @@ class DeviceLock:
         finally:
             os.close(fd)
 
-    def acquire(self, run: RunFolder) -> None:
+    def acquire(self, run: RunFolder, attempts: int = 20) -> None:
         import fcntl
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise DeviceBusyError(busy_message(self.device, self.holder() or {})) from None
+        for i in range(attempts):  # a reader's probe holds a shared lock for a moment: retry briefly
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if i == attempts - 1:
+                    os.close(fd)
+                    raise DeviceBusyError(busy_message(self.device, self.holder() or {})) from None
+                time.sleep(0.05)
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps({"run": str(run.path), "pid": os.getpid(), "since": time.time()}).encode())
         self._fd = fd

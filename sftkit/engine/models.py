@@ -195,18 +195,7 @@ def load_model(
     started = time.perf_counter()
     source = resolve_model_spec(spec)
     plan = plan_load(quantization, device, dtype, attn_implementation)
-    converted = False
-    if source.is_gguf:
-        folder = gguf_cache.cached_folder(source.location)
-        if folder is None:
-            folder = gguf_cache.convert_gguf(source.location, progress=progress)
-            converted = True
-        folder = str(folder)
-    elif source.kind == "hub":
-        folder = _hub_folder(source.location)
-    else:
-        folder = source.location
-
+    folder, converted = _model_folder(source, progress)
     model, tokenizer = load_from_folder(folder, plan, trust_remote_code=trust_remote_code)
     report = LoadReport(
         source=source,
@@ -220,6 +209,29 @@ def load_model(
     return LoadedModel(model, tokenizer, report)
 
 
+def _model_folder(source, progress=None) -> tuple[str, bool]:
+    """A local transformers folder for a resolved spec (converting a GGUF once); converted?"""
+    if source.is_gguf:
+        folder = gguf_cache.cached_folder(source.location)
+        if folder is None:
+            return str(gguf_cache.convert_gguf(source.location, progress=progress)), True
+        return str(folder), False
+    if source.kind == "hub":
+        return _hub_folder(source.location), False
+    return source.location, False
+
+
+def load_tokenizer(spec: str | Path = "default", *, trust_remote_code: bool = False, progress=None):
+    """The tokenizer of a model spec, without loading any weights (for checks before a run)."""
+    from transformers import AutoTokenizer
+
+    folder, _ = _model_folder(resolve_model_spec(spec), progress)
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def prepare_default_model(progress=print) -> Path:
     """Make sure the default model is installed and converted; return its cache folder."""
     source = resolve_model_spec("default")
@@ -229,4 +241,4 @@ def prepare_default_model(progress=print) -> Path:
     return Path(folder)
 
 
-__all__ = ["load_model", "plan_load", "LoadedModel", "LoadReport", "prepare_default_model"]
+__all__ = ["load_model", "load_tokenizer", "plan_load", "LoadedModel", "LoadReport", "prepare_default_model"]

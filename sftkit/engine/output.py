@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import tempfile
 from pathlib import Path
 
 from ..core.runstore import RunFolder, RunStateError
@@ -41,17 +42,58 @@ def load_trained(run, *, quantization: str = "none", device: str = "auto", check
     return model, tokenizer
 
 
-def merge_and_save(run, output: str | Path) -> Path:
-    """Merge the run's adapter into its (unquantized) base model; save safetensors + tokenizer."""
+MERGE_MARKER = ".sftkit-merged.json"
+
+
+def _check_merge_output(run: RunFolder, output: Path, force: bool) -> None:
+    """OUT must be new, an empty folder, or an earlier merge's output (its marker); never the run
+    folder or anything inside it, whatever ``force`` says."""
+    out, run_dir = output.resolve(), run.path.resolve()
+    if out == run_dir or run_dir in out.parents or out in run_dir.parents:
+        raise RunStateError(f"merge output {output} is the run folder, inside it or above it; give a folder of its own")
+    if not output.exists() and not output.is_symlink():
+        return
+    if output.is_symlink() or not output.is_dir():
+        raise RunStateError(f"merge output {output} exists and is not a folder; give a new folder")
+    if not any(output.iterdir()) or (output / MERGE_MARKER).is_file() or force:
+        return
+    raise RunStateError(f"merge output {output} is a non-empty folder that sftkit did not write; nothing was "
+                        "changed. Give a new folder, or --force (force=True) to replace it.")
+
+
+def merge_and_save(run, output: str | Path, *, force: bool = False) -> Path:
+    """Merge the run's adapter into its (unquantized) base model; save safetensors + tokenizer.
+
+    output: a new or empty folder, or an earlier merge's output (it carries a marker file), which
+    is replaced. Any other existing folder is refused unless ``force``. The new model is written
+    beside it and swapped in: old folder renamed aside, new one renamed in, then the old removed.
+    """
+    import json
+    import time
+
+    from ..core.atomic import write_text_atomic
+
     run = _run(run)
-    output = Path(output)
+    output = Path(output).expanduser()
+    _check_merge_output(run, output, force)  # before any model is loaded
     model, tokenizer = load_trained(run, quantization="none", device="cpu")
     merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
-    tmp = output.with_name(f".{output.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(str(tmp), safe_serialization=True)
-    tokenizer.save_pretrained(str(tmp))
-    if output.exists():
-        shutil.rmtree(output)
-    tmp.rename(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".merging", dir=str(output.parent)))
+    try:
+        merged.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        write_text_atomic(tmp / MERGE_MARKER, json.dumps({"run": str(run.path.resolve()), "time": time.time()}))
+        _check_merge_output(run, output, force)  # still true after the minutes the merge took
+        old = None
+        if output.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".old", dir=str(output.parent)))
+            old.rmdir()
+            output.rename(old)
+        tmp.rename(output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     return output

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import time
@@ -24,11 +25,15 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from ..core.atomic import write_text_atomic
 from ..core.errors import ConfigError
-from ..core.rundata import RunRows, run_rows
+from ..core.faults import fault_point, fault_raise
+from ..core.rundata import RunRows, render_rows, run_rows
 from ..core.runconfig import AdapterConfig, RunConfig, RunConfigError
-from ..core.runstore import CHECKPOINT_MARKER, DeviceLock, RunFolder, RunStateError
-from ..core.template import Template
+from ..core.runopen import OpenRun, open_run
+from ..core.runproto import RunState
+from ..core.runstore import CHECKPOINT_MARKER, DeviceLock, RunFolder, RunStateError, RunWriter
+from ..core.template import Template, as_text
 
 OOM_ADVICE = ("lower training.batch_size (raise training.grad_accum to keep the effective batch), "
               "lower training.max_length, turn on training.gradient_checkpointing, or load the model "
@@ -96,12 +101,9 @@ def adapter_config_from_plan(plan, anatomy) -> AdapterConfig:
 
 
 def build_examples(template: Template, rows: list[dict], tokenizer) -> list[dict]:
-    """Token ids and labels (-100 where the template's mask says "not trained")."""
-    out = []
-    for r in rows:
-        ex = template.render(r, tokenizer, with_examples=False)
-        out.append({"input_ids": list(ex.input_ids), "labels": ex.labels})
-    return out
+    """Token ids and labels (-100 where the template's mask says "not trained"); rows that
+    train nothing are left out (``render_rows`` also reports them)."""
+    return render_rows(template, rows, tokenizer)[0]
 
 
 def build_collator(tokenizer, packing: bool):
@@ -148,7 +150,7 @@ def build_training_arguments(cfg: RunConfig, output_dir: str | Path, *, device: 
         eval_steps=t.eval_every or None,
         save_strategy="steps",
         save_steps=t.checkpoint_every,
-        save_total_limit=t.keep_checkpoints,
+        save_total_limit=None,  # the recorder rotates, after the new checkpoint is marked complete
         load_best_model_at_end=early,
         metric_for_best_model="eval_loss" if early else None,
         greater_is_better=False if early else None,
@@ -183,6 +185,14 @@ def _finite(x) -> bool:
     return x is None or (isinstance(x, (int, float)) and math.isfinite(x))
 
 
+def _all_finite(tensors) -> bool:
+    """One check for many tensors (a single device sync)."""
+    import torch
+
+    flags = [torch.isfinite(t).all() for t in tensors if t is not None]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
 def _keep_4bit_layers_in_train_mode(model) -> int:
     """bitsandbytes repacks a 4-bit weight into an inference-only layout the first time a
     CPU with AVX512-BF16 runs it in eval mode without grad; training after that has no
@@ -201,31 +211,69 @@ def _keep_4bit_layers_in_train_mode(model) -> int:
     return n
 
 
-class RunRecorder(TrainerCallback):
-    """Trainer callback that writes the run folder; also honours Stop and stops on NaN."""
+def _checkpoint_step(path: Path) -> int | None:
+    m = re.fullmatch(r"checkpoint-(\d+)", path.name)
+    return int(m.group(1)) if m else None
 
-    def __init__(self, run: RunFolder, rows: RunRows, tokenizer, cfg: RunConfig, device: str, *, is_main: bool,
-                 stop_signal: dict | None = None):
-        self.run, self.rows, self.tokenizer, self.cfg, self.device = run, rows, tokenizer, cfg, device
-        self.is_main = is_main
+
+def rotate_checkpoints(run: RunFolder, keep: int, *, protect: tuple[Path, ...] = ()) -> list[Path]:
+    """Delete all but the newest ``keep`` complete checkpoints (and ``protect``, e.g. the best one),
+    plus incomplete ones older than the newest complete one. A folder loses its completion marker
+    before anything else, so a kill mid-delete never leaves a marked, half-deleted checkpoint."""
+    complete = run.checkpoints()
+    if not complete:
+        return []
+    newest = complete[-1][0]
+    keep_paths = {p.resolve() for _, p in complete[-keep:]} | {Path(p).resolve() for p in protect}
+    doomed = [p for _, p in complete if p.resolve() not in keep_paths]
+    for p in run.checkpoints_dir.iterdir():  # left by a kill mid-save: never loadable, never resumed from
+        step = _checkpoint_step(p)
+        if step is not None and step < newest and p.is_dir() and not (p / CHECKPOINT_MARKER).exists():
+            doomed.append(p)
+    for p in doomed:
+        (p / CHECKPOINT_MARKER).unlink(missing_ok=True)
+        fault_point("rotation_unmarked", _checkpoint_step(p))
+        files = sorted(p.iterdir())
+        for f in files[: len(files) // 2]:
+            shutil.rmtree(f) if f.is_dir() else f.unlink()
+        fault_point("rotation_partial", _checkpoint_step(p))
+        shutil.rmtree(p, ignore_errors=True)
+    return doomed
+
+
+class RunRecorder(TrainerCallback):
+    """Trainer callback that writes the run folder through its RunWriter; honours Stop (agreed
+    across processes every step), checks every update for non-finite values, marks checkpoints
+    complete and rotates them."""
+
+    def __init__(self, run: RunFolder, writer: RunWriter | None, rows: RunRows, tokenizer, cfg: RunConfig,
+                 device: str, *, world: int = 1, stop_signal: dict | None = None):
+        self.run, self.writer, self.rows, self.tokenizer, self.cfg, self.device = \
+            run, writer, rows, tokenizer, cfg, device
+        self.is_main = writer is not None
+        self.world = world
         self.failure: str | None = None
         self.stopped = False
+        self._bad: str | None = None  # what went non-finite in this step (set before the step ends)
         self._last_time = None
         self._last_tokens = 0
         self._last_step = 0
-        self._last_heartbeat = 0.0
         self._nan_step = int(os.environ.get("SFTKIT_FAULT_NAN_AT_STEP", "0") or 0)  # fault injection for tests
         self.stop_signal = stop_signal if stop_signal is not None else {}
         self.sampled_at: int | None = None
+        self._trainable: list | None = None
+        self._last_status = 0.0
 
     # Trainer hooks
-    def on_train_begin(self, args, state, control, **kw):
+    def on_train_begin(self, args, state, control, model=None, **kw):
         self._last_time = time.perf_counter()
         self._last_tokens = state.num_input_tokens_seen
         self._last_step = state.global_step
+        if model is not None:
+            self._trainable = [p for p in model.parameters() if p.requires_grad]
         if self.is_main:
-            self.run.write_status(state="running", step=state.global_step, max_steps=state.max_steps,
-                                  message="training")
+            self.writer.status(RunState.RUNNING, step=state.global_step, max_steps=state.max_steps,
+                               message="training")
 
     def on_step_begin(self, args, state, control, model=None, **kw):
         if self._nan_step and state.global_step + 1 == self._nan_step and model is not None:
@@ -237,11 +285,30 @@ class RunRecorder(TrainerCallback):
                         p.fill_(float("nan"))
                         break
 
+    def on_pre_optimizer_step(self, args, state, control, **kw):
+        if self._bad is None and self._trainable and not _all_finite(p.grad for p in self._trainable):
+            self._bad = "the loss or its gradient"
+
+    def on_optimizer_step(self, args, state, control, **kw):
+        if self._bad is None and self._trainable and not _all_finite(self._trainable):
+            self._bad = "a trained weight"
+
+    def _fail(self, what: str, step: int, control) -> None:
+        if self.failure is None:
+            last = self.run.last_checkpoint()
+            self.failure = (f"{what} became non-finite (NaN or inf) at step {step}; training stopped and nothing "
+                            f"from this step was saved. Last good checkpoint: "
+                            f"{last.relative_to(self.run.path) if last else 'none yet'}. "
+                            "Try a lower training.learning_rate, training.max_grad_norm: 1.0, or fp32 weights.")
+        control.should_training_stop = True
+        control.should_save = False
+        control.should_evaluate = False
+
     def on_log(self, args, state, control, logs=None, model=None, **kw):
         logs = dict(logs or {})
         if "train_loss" in logs:  # the end-of-training summary
             if self.is_main:
-                self.run.log_event("train_summary", **{k: v for k, v in logs.items() if _finite(v)})
+                self.writer.event("train_summary", **{k: v for k, v in logs.items() if _finite(v)})
             return
         step = state.global_step
         record: dict = {"step": step, "epoch": round(float(state.epoch or 0), 4), "time": time.time()}
@@ -260,43 +327,58 @@ class RunRecorder(TrainerCallback):
             self._last_time, self._last_tokens, self._last_step = now, state.num_input_tokens_seen, step
         bad = [k for k in ("loss", "grad_norm", "eval_loss") if k in record and not _finite(record[k])]
         if bad:
-            last = self.run.last_checkpoint()
-            self.failure = (f"{bad[0]} became {record[bad[0]]} at step {step}; training stopped and nothing from "
-                            f"this step was saved. Last good checkpoint: "
-                            f"{last.relative_to(self.run.path) if last else 'none yet'}. "
-                            "Try a lower training.learning_rate, training.max_grad_norm: 1.0, or fp32 weights.")
-            control.should_training_stop = True
-            control.should_save = False
-            control.should_evaluate = False
+            self._fail(bad[0].replace("_", " "), step, control)
         if self.is_main:
-            self.run.log_metric(record)
+            self.writer.metric(record)
             if "eval_loss" in record:
-                self.run.log_event("eval", step=step, eval_loss=record["eval_loss"])
+                self.writer.event("eval", step=step, eval_loss=record["eval_loss"])
+
+    def _agree(self, stop: bool, bad: bool) -> tuple[bool, bool]:
+        """Every process leaves the loop at the same step: Stop and failures are or-ed across ranks."""
+        if self.world <= 1:
+            return stop, bad
+        import torch
+        import torch.distributed as dist
+
+        device = f"cuda:{torch.cuda.current_device()}" if self.device == "cuda" else "cpu"
+        flags = torch.tensor([float(stop), float(bad)], device=device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return bool(flags[0].item()), bool(flags[1].item())
 
     def on_step_end(self, args, state, control, model=None, **kw):
         step = state.global_step
-        if self.run.stop_requested() or self.stop_signal.get("set"):
+        stop = self.run.stop_requested() or bool(self.stop_signal.get("set"))
+        stop, bad = self._agree(stop, self._bad is not None)
+        if bad:
+            self._fail(self._bad or "a value on another process", step, control)
+        self._bad = None
+        if stop:
             control.should_training_stop = True
             self.stopped = True
         every = self.cfg.training.sample_every
         if self.is_main and every and step % every == 0 and not self.failure and model is not None:
             self.generate_samples(model, step)
-        now = time.time()
-        if self.is_main and (now - self._last_heartbeat > 1.0 or control.should_training_stop):
-            self.run.write_status(step=step, max_steps=state.max_steps,
-                                  state="stopping" if self.stopped else "running")
-            self._last_heartbeat = now
+        now = time.monotonic()
+        if self.is_main and (self.stopped or now - self._last_status >= 1.0):
+            self.writer.status(RunState.STOPPING if self.stopped else RunState.RUNNING, step=step,
+                               max_steps=state.max_steps)
+            self._last_status = now
 
     def on_save(self, args, state, control, **kw):
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if self.is_main and folder.is_dir():
-            from ..core.atomic import write_text_atomic
-
-            write_text_atomic(folder / CHECKPOINT_MARKER, json.dumps({"step": state.global_step, "time": time.time()}))
-            self.run.log_event("checkpoint", step=state.global_step, path=str(folder.relative_to(self.run.path)))
+        if not self.is_main or not folder.is_dir() or self.failure:
+            return
+        fault_point("checkpoint_saved", state.global_step)
+        write_text_atomic(folder / CHECKPOINT_MARKER, json.dumps({"step": state.global_step, "time": time.time()}))
+        fault_point("checkpoint_marked", state.global_step)
+        best = state.best_model_checkpoint
+        rotate_checkpoints(self.run, self.cfg.training.keep_checkpoints,
+                           protect=(Path(best),) if best else ())
+        self.writer.event("checkpoint", step=state.global_step, path=str(folder.relative_to(self.run.path)))
 
     # samples
     def generate_samples(self, model, step: int) -> None:
+        """Generate from the held-out prompts; a failure is an event, never the end of the run."""
         import torch
 
         from .generate import generate_text
@@ -308,19 +390,26 @@ class RunRecorder(TrainerCallback):
         model.eval()
         try:
             with torch.no_grad():
+                fault_raise("sample")
                 for i, row in enumerate(self.rows.samples):
                     prompt = self.rows.template.prompt_text(row, self.tokenizer, with_examples=False)
                     ans = generate_text(model, self.tokenizer, prompt,
                                         max_new_tokens=self.cfg.training.sample_max_new_tokens)
-                    self.run.log_sample({"step": step, "index": i, "prompt": self.rows.template.user_text(row),
-                                         "target": str(row.get(self.rows.template.answer_field)),
-                                         "output": ans.text, "seconds": round(ans.seconds, 3)})
+                    self.writer.sample({"step": step, "index": i, "prompt": self.rows.template.user_text(row),
+                                        "target": as_text(row.get(self.rows.template.answer_field)),
+                                        "output": ans.text, "seconds": round(ans.seconds, 3)})
+        except Exception as exc:  # noqa: BLE001 - samples are a view; training goes on
+            self.sampled_at = step  # tried at this step: not again at the end
+            self.writer.event("sample_failed", step=step, message=f"{type(exc).__name__}: {exc}"[:500])
+            with open(self.run.log_path, "a", encoding="utf-8") as fh:
+                fh.write(traceback.format_exc())
+            return
         finally:
             model.train(was_training)
-        if self._last_time is not None:
-            self._last_time += time.perf_counter() - started  # generation time is not training time
+            if self._last_time is not None:
+                self._last_time += time.perf_counter() - started  # generation time is not training time
         self.sampled_at = step
-        self.run.log_event("sample", step=step, n=len(self.rows.samples))
+        self.writer.event("sample", step=step, n=len(self.rows.samples))
 
 
 # ---- the job ---------------------------------------------------------------------------------------
@@ -334,7 +423,8 @@ class RunResult:
 def _dist():
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    return world, rank
+    local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    return world, rank, local
 
 
 def _share_run_folder(run: RunFolder | None, world: int) -> RunFolder:
@@ -349,13 +439,15 @@ def _share_run_folder(run: RunFolder | None, world: int) -> RunFolder:
 
 
 def _save_output(trainer, tokenizer, run: RunFolder, plan) -> Path:
-    """adapter/ (LoRA) or model/ (a plan that trains parameters directly), written atomically."""
+    """adapter/ (LoRA) or model/ (a plan that trains parameters directly), swapped in whole:
+    written to a temporary folder, the old one renamed aside, the new one renamed in."""
     target = run.adapter_dir if plan.method == "lora" else run.path / "model"
     tmp = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model = trainer.model
     model.save_pretrained(str(tmp), safe_serialization=True)
     tokenizer.save_pretrained(str(tmp))
+    fault_point("adapter_tmp")
     old = target.with_name(f".{target.name}.old")
     shutil.rmtree(old, ignore_errors=True)
     if target.exists():
@@ -365,20 +457,37 @@ def _save_output(trainer, tokenizer, run: RunFolder, plan) -> Path:
     return target
 
 
-def run_training(cfg: RunConfig, run: RunFolder | None = None, *, resume: bool = False) -> RunResult:
+def _lock_devices(device: str, world: int, local_rank: int, run: RunFolder) -> DeviceLock | None:
+    """The device this process trains on, locked for its life. CPU processes of one run share
+    the CPU: the local rank 0 process holds its lock for all of them."""
+    if device == "cuda":
+        key = f"cuda:{local_rank if world > 1 else 0}"
+    elif local_rank == 0:
+        key = "cpu"
+    else:
+        return None
+    lock = DeviceLock(key)
+    lock.acquire(run)
+    return lock
+
+
+def run_training(cfg: RunConfig, run: RunFolder | None = None, *, resume: bool = False,
+                 allow_changed_data: bool = False, opened: OpenRun | None = None) -> RunResult:
     """Train ``cfg`` into ``run`` (a fresh folder from the config's store when None).
 
     resume: continue ``run`` from its last complete checkpoint.
-    Returns the final state; every outcome is also in the run folder.
+    opened: the run already opened by this process (``sftkit train`` opens it before importing
+    the training stack).
+    Returns the final state; every outcome is also in the run folder. A refusal to open the run
+    (another process writes it, a live run, changed data on resume) raises before anything is
+    written to it.
     """
-    world, rank = _dist()
+    world, rank, local_rank = _dist()
     is_main = rank == 0
-    if is_main and run is None:
-        from ..core.runstore import RunStore
-
-        run = RunStore(cfg.store).new_run(cfg.name)
-    if is_main and not run.config_path.exists():
-        cfg.save(run.config_path)
+    if is_main and opened is None:
+        opened = open_run(cfg, run, resume=resume, allow_changed_data=allow_changed_data)
+    run = opened.run if opened is not None else run
+    writer = opened.writer if opened is not None else None
     lock: DeviceLock | None = None
     stop_signal = {"set": False}
 
@@ -391,34 +500,30 @@ def run_training(cfg: RunConfig, run: RunFolder | None = None, *, resume: bool =
         plan_words = plan_load(cfg.model.quantization, cfg.model.device, cfg.model.dtype,
                                cfg.model.attn_implementation)
         device = plan_words.device
-        if is_main and run is not None:
-            lock = DeviceLock("cuda:0" if device == "cuda" else "cpu") if world == 1 else None
-            if lock is not None:
-                lock.acquire(run)
-            now = datetime.now().isoformat(timespec="seconds")
-            fields = dict(state="pending", pid=os.getpid(), world_size=world, device=device,
-                          plan=plan_words.describe(), message="loading model")
-            if not resume:
-                fields["started_at"] = now
-            run.write_status(**fields)
+        lock = _lock_devices(device, world, local_rank, run or RunFolder("."))
+        if writer is not None:
+            writer.status(RunState.PENDING, world_size=world, device=device, plan=plan_words.describe(),
+                          message="loading the model")
         if _in_main_thread():
             signal.signal(signal.SIGTERM, on_signal)
-        return _train(cfg, run, resume=resume, world=world, is_main=is_main, device=device,
-                      compute_dtype=plan_words.compute_dtype, quantized=plan_words.quantization != "none",
-                      stop_signal=stop_signal)
+        return _train(cfg, run, writer, opened.rows if opened is not None else None, resume=resume, world=world,
+                      device=device, compute_dtype=plan_words.compute_dtype,
+                      quantized=plan_words.quantization != "none", stop_signal=stop_signal)
     except Exception as exc:  # every failure ends as a state with a message in the run folder
         message = _failure_message(exc)
-        if is_main and run is not None:
+        if writer is not None:
             with open(run.log_path, "a", encoding="utf-8") as fh:
                 fh.write(traceback.format_exc())
-            run.write_status(state="failed", message=message, ended_at=datetime.now().isoformat(timespec="seconds"))
-            run.log_event("failed", message=message)
+            writer.status(RunState.FAILED, message=message, ended_at=datetime.now().isoformat(timespec="seconds"))
+            writer.event("failed", message=message)
         if isinstance(exc, (ConfigError, RunStateError)) or _is_oom(exc):
             return RunResult("failed", message, run)
         raise
     finally:
         if lock is not None:
             lock.release()
+        if opened is not None:
+            opened.close()
 
 
 def _process_start_time() -> float:
@@ -451,11 +556,14 @@ def _failure_message(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _train(cfg: RunConfig, run: RunFolder, *, resume: bool, world: int, is_main: bool, device: str,
-           compute_dtype: str, quantized: bool, stop_signal: dict) -> RunResult:
+def _train(cfg: RunConfig, run: RunFolder | None, writer: RunWriter | None, rows: RunRows | None, *,
+           resume: bool, world: int, device: str, compute_dtype: str, quantized: bool,
+           stop_signal: dict) -> RunResult:
     started = time.perf_counter()
     process_started = _process_start_time()
-    rows = run_rows(cfg)  # errors here name the row/field, before the model loads
+    is_main = writer is not None
+    if rows is None:
+        rows = run_rows(cfg)  # errors here name the row/field, before the model loads
 
     from transformers import EarlyStoppingCallback, Trainer, set_seed
 
@@ -468,6 +576,10 @@ def _train(cfg: RunConfig, run: RunFolder, *, resume: bool, world: int, is_main:
     model.config.use_cache = False  # packed batches stay apart only without a KV cache
     anatomy = inspect_model(model)
     plan = build_plan(cfg.adapter, anatomy)
+    train_set, train_report = render_rows(rows.template, rows.train, tokenizer, split="train")
+    eval_set, eval_report = render_rows(rows.template, rows.eval, tokenizer, split="eval") if rows.eval \
+        else (None, None)
+    eval_set = eval_set or None
     if quantized:
         from peft import prepare_model_for_kbit_training
 
@@ -478,15 +590,13 @@ def _train(cfg: RunConfig, run: RunFolder, *, resume: bool, world: int, is_main:
     if cfg.training.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
 
-    train_set = build_examples(rows.template, rows.train, tokenizer)
-    eval_set = build_examples(rows.template, rows.eval, tokenizer) if rows.eval else None
     args = build_training_arguments(cfg, run.checkpoints_dir if run is not None else "checkpoints",
                                     device=device, compute_dtype=compute_dtype, has_eval=bool(eval_set))
     if world > 1:
         _ = args.device  # sets up the process group the folder is shared over
     run = _share_run_folder(run, world)
     args.output_dir = str(run.checkpoints_dir)
-    recorder = RunRecorder(run, rows, tokenizer, cfg, device, is_main=is_main, stop_signal=stop_signal)
+    recorder = RunRecorder(run, writer, rows, tokenizer, cfg, device, world=world, stop_signal=stop_signal)
     callbacks = [recorder]
     if cfg.training.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(cfg.training.early_stopping_patience,
@@ -503,12 +613,18 @@ def _train(cfg: RunConfig, run: RunFolder, *, resume: bool, world: int, is_main:
         step = int(checkpoint.name.split("-")[1])
         if is_main:
             run.truncate_metrics(step)
-            run.log_event("resumed", step=step, checkpoint=str(checkpoint.relative_to(run.path)))
+            writer.event("resumed", step=step, checkpoint=str(checkpoint.relative_to(run.path)),
+                         attempt=writer.current.attempt)
     elif is_main:
-        run.log_event("started", pid=os.getpid(), world_size=world, device=device,
-                      train_rows=len(train_set), eval_rows=len(eval_set or []), plan=plan.label,
-                      trainable=plan.trainable_params(anatomy))
+        writer.event("started", pid=os.getpid(), world_size=world, device=device,
+                     train_rows=len(train_set), eval_rows=len(eval_set or []), plan=plan.label,
+                     trainable=plan.trainable_params(anatomy))
     if is_main:
+        for report in (train_report, eval_report):
+            if report is not None and report.dropped:
+                writer.event("rows_dropped", **report.to_dict(), message=report.lines()[0])
+            if report is not None and (report.truncated or report.end_cut):
+                writer.event("truncated", **report.to_dict(), message="; ".join(report.lines()))
         run.clear_stop(older_than=process_started)  # a Stop from an earlier session, not one made while loading
 
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
@@ -518,8 +634,8 @@ def _train(cfg: RunConfig, run: RunFolder, *, resume: bool, world: int, is_main:
 
     if recorder.failure:
         if is_main:
-            run.write_status(state="failed", step=step, message=recorder.failure, ended_at=ended, seconds=seconds)
-            run.log_event("failed", step=step, message=recorder.failure)
+            writer.status(RunState.FAILED, step=step, message=recorder.failure, ended_at=ended, seconds=seconds)
+            writer.event("failed", step=step, message=recorder.failure)
         return RunResult("failed", recorder.failure, run)
 
     final_eval = None
@@ -529,12 +645,12 @@ def _train(cfg: RunConfig, run: RunFolder, *, resume: bool, world: int, is_main:
     elif eval_set and not recorder.stopped:
         final_eval = trainer.evaluate().get("eval_loss")
     if is_main:
-        run.write_status(state="stopping" if recorder.stopped else "running", step=step,
-                         message="saving the adapter")
+        writer.status(RunState.STOPPING if recorder.stopped else RunState.RUNNING, step=step,
+                      message="saving the adapter")
         target = _save_output(trainer, tokenizer, run, plan)
         if rows.samples and not recorder.stopped and recorder.sampled_at != step:
             recorder.generate_samples(trainer.model, step)
-        state = "stopped" if recorder.stopped else "finished"
+        state = RunState.STOPPED if recorder.stopped else RunState.FINISHED
         message = (f"stopped at step {step}; adapter saved" if recorder.stopped else
                    f"finished {step} steps" + (f", eval loss {final_eval:.4f}" if final_eval is not None else ""))
         best = trainer.state.best_model_checkpoint
@@ -545,8 +661,8 @@ def _train(cfg: RunConfig, run: RunFolder, *, resume: bool, world: int, is_main:
         if best and cfg.training.early_stopping_patience:
             message += f"; the adapter is the best checkpoint ({Path(best).name}, eval loss " \
                        f"{trainer.state.best_metric:.4f})"
-        run.write_status(state=state, step=step, message=message, ended_at=ended, seconds=seconds,
-                         output=str(target.relative_to(run.path)))
-        run.log_event(state, step=step, seconds=seconds, eval_loss=final_eval)
-        return RunResult(state, message, run)
-    return RunResult("finished", "", run)
+        writer.status(state, step=step, message=message, ended_at=ended, seconds=seconds,
+                      output=str(target.relative_to(run.path)))
+        writer.event(state.value, step=step, seconds=seconds, eval_loss=final_eval)
+        return RunResult(state.value, message, run)
+    return RunResult("stopped" if recorder.stopped else "finished", "", run)

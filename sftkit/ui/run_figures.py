@@ -44,7 +44,7 @@ def run_figure(metrics: Sequence[dict] = (), *, title: str = "", height: int = 4
     for (name, key, row, col, _), (x, y), colour in zip(CURVES, curve_arrays(metrics), COLOURS):
         mode = "lines+markers" if key == "eval_loss" else "lines"
         fig.add_trace(go.Scatter(x=x, y=y, name=name, mode=mode, line=dict(color=colour)), row=row, col=col)
-    fig.update_layout(title=title, height=height, margin=dict(l=40, r=10, t=60, b=30),
+    fig.update_layout(title=html.escape(str(title)), height=height, margin=dict(l=40, r=10, t=60, b=30),
                       legend=dict(orientation="h", y=-0.08), uirevision="keep")
     fig.update_xaxes(title_text="step", row=2)
     return fig
@@ -56,11 +56,12 @@ def overlay_figure(runs: dict[str, Sequence[dict]], *, height: int = 380) -> go.
     for i, (name, metrics) in enumerate(runs.items()):
         arrays = curve_arrays(metrics)
         colour = COLOURS[i % len(COLOURS)]
-        fig.add_trace(go.Scatter(x=arrays[0][0], y=arrays[0][1], name=f"{name} train", mode="lines",
-                                 line=dict(color=colour), legendgroup=name))
+        label = html.escape(str(name))  # plotly renders some HTML in names: run names come from folders
+        fig.add_trace(go.Scatter(x=arrays[0][0], y=arrays[0][1], name=f"{label} train", mode="lines",
+                                 line=dict(color=colour), legendgroup=label))
         if len(arrays[1][0]):
-            fig.add_trace(go.Scatter(x=arrays[1][0], y=arrays[1][1], name=f"{name} eval", mode="lines+markers",
-                                     line=dict(color=colour, dash="dash"), legendgroup=name))
+            fig.add_trace(go.Scatter(x=arrays[1][0], y=arrays[1][1], name=f"{label} eval", mode="lines+markers",
+                                     line=dict(color=colour, dash="dash"), legendgroup=label))
     fig.update_layout(height=height, xaxis_title="step", yaxis_title="loss", margin=dict(l=50, r=10, t=30, b=40))
     return fig
 
@@ -74,10 +75,10 @@ def metrics_table_html(metrics: Sequence[dict], *, max_rows: int = 12) -> str:
     head = "<tr><th>step</th><th>loss</th><th>eval loss</th><th>lr</th><th>grad norm</th><th>tokens/s</th></tr>"
 
     def f(v, fmt):
-        return format(v, fmt) if isinstance(v, (int, float)) else ""
+        return format(v, fmt) if isinstance(v, (int, float)) and not isinstance(v, bool) else ""
 
     body = "".join(
-        f"<tr><td>{m['step']}</td><td>{f(m.get('loss'), '.4f')}</td><td>{f(m.get('eval_loss'), '.4f')}</td>"
+        f"<tr><td>{f(m.get('step'), 'd')}</td><td>{f(m.get('loss'), '.4f')}</td><td>{f(m.get('eval_loss'), '.4f')}</td>"
         f"<td>{f(m.get('lr'), '.2e')}</td><td>{f(m.get('grad_norm'), '.3f')}</td>"
         f"<td>{f(m.get('tokens_per_s'), '.0f')}</td></tr>" for m in rows)
     return f"<table class='sftkit-metrics'>{head}{body}</table>"
@@ -87,16 +88,17 @@ def samples_html(samples: Sequence[dict], *, last_steps: int = 2) -> str:
     """The latest sample generations: prompt, target, output (green when it matches)."""
     if not samples:
         return "<i>samples appear here every <code>training.sample_every</code> steps</i>"
+    samples = [s for s in samples if isinstance(s.get("step"), int) and not isinstance(s.get("step"), bool)]
     steps = sorted({s["step"] for s in samples})[-last_steps:]
     parts = []
     for step in reversed(steps):
         items = []
         for s in (s for s in samples if s["step"] == step):
-            ok = s.get("output", "").strip() == str(s.get("target", "")).strip()
+            ok = str(s.get("output", "")).strip() == str(s.get("target", "")).strip()
             items.append(
-                f"<div style='margin:2px 0'><span style='color:#6b7280'>{html.escape(s.get('prompt', ''))[:120]}"
+                f"<div style='margin:2px 0'><span style='color:#6b7280'>{html.escape(str(s.get('prompt', ''))[:120])}"
                 f"</span><br>&rarr; <b style='color:{'#047857' if ok else '#b91c1c'}'>"
-                f"{html.escape(s.get('output', ''))[:200]}</b> <span style='color:#6b7280'>(target "
-                f"{html.escape(str(s.get('target', '')))[:80]})</span></div>")
+                f"{html.escape(str(s.get('output', ''))[:200])}</b> <span style='color:#6b7280'>(target "
+                f"{html.escape(str(s.get('target', ''))[:80])})</span></div>")
         parts.append(f"<div><b>step {step}</b>{''.join(items)}</div>")
     return "<div style='font-size:12px'>" + "".join(parts) + "</div>"

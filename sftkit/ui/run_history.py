@@ -17,20 +17,23 @@ from . import run_figures
 
 
 def _seconds(v) -> str:
-    return "" if v is None else f"{v:.0f}"
+    return f"{v:.0f}" if isinstance(v, (int, float)) and not isinstance(v, bool) else ""
 
 
 def runs_table_html(store: RunStore) -> str:
+    """The store as a table; every value is escaped or formatted as a number."""
     rows = store.table()
     if not rows:
         return f"<i>no runs yet in <code>{html.escape(str(store.root))}</code></i>"
 
     def f(v):
-        return f"{v:.4f}" if isinstance(v, float) else ("" if v is None else html.escape(str(v)))
+        if isinstance(v, float):
+            return f"{v:.4f}"
+        return "" if v is None else html.escape(str(v))
 
     head = "<tr><th>run</th><th>state</th><th>steps</th><th>last loss</th><th>eval loss</th><th>started</th><th>seconds</th></tr>"
     body = "".join(
-        f"<tr><td>{html.escape(r['run'])}</td><td>{r['state']}</td><td>{r['step']}/{r['max_steps'] or '?'}</td>"
+        f"<tr><td>{f(r['run'])}</td><td>{f(r['state'])}</td><td>{f(r['step'])}/{f(r['max_steps']) or '?'}</td>"
         f"<td>{f(r['loss'])}</td><td>{f(r['eval_loss'])}</td><td>{f(r['started'])}</td>"
         f"<td>{_seconds(r['seconds'])}</td></tr>" for r in reversed(rows))
     return f"<table>{head}{body}</table>"
@@ -57,7 +60,8 @@ class RunHistory:
         self.picker.observe(lambda _: self.show(), "value")
         self.figure = go.FigureWidget(run_figures.overlay_figure({}))
         self.diff = W.HTML()
-        self.widget = W.VBox([W.HBox([self.picker, self.reload_button]), self.table, self.figure,
+        self.message = W.HTML()
+        self.widget = W.VBox([W.HBox([self.picker, self.reload_button]), self.message, self.table, self.figure,
                               W.HTML("<b>Config differences</b> (first two selected runs)"), self.diff])
         self.reload()
 
@@ -67,12 +71,23 @@ class RunHistory:
         display(self.widget)
 
     def reload(self):
+        try:
+            self._reload()
+        except Exception as exc:  # noqa: BLE001 - a bad folder in the store is shown, not raised
+            self._error(exc)
+
+    def _error(self, exc: Exception):
+        self.message.value = (f"<span style='color:#b91c1c'>{html.escape(type(exc).__name__)}: "
+                              f"{html.escape(str(exc))}</span>")
+
+    def _reload(self):
+        self.message.value = ""
         names = [r.name for r in self.store.runs()]
         keep = tuple(n for n in self.picker.value if n in names)
         self.picker.options = list(reversed(names))
         self.picker.value = keep or tuple(reversed(names))[:2]
         self.table.value = runs_table_html(self.store)
-        self.show()
+        self._show()
 
     def select(self, *names: str):
         self.picker.value = tuple(names)
@@ -84,6 +99,12 @@ class RunHistory:
         return config_diff(self.store.get(a).config(), self.store.get(b).config())
 
     def show(self):
+        try:
+            self._show()
+        except Exception as exc:  # noqa: BLE001
+            self._error(exc)
+
+    def _show(self):
         names = list(self.picker.value)
         fig = self.overlay(*names)
         with self.figure.batch_update():

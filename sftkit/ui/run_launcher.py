@@ -20,7 +20,8 @@ import plotly.graph_objects as go
 
 from ..core.errors import SftkitError
 from ..core.runconfig import LR_SCHEDULES, RunConfig
-from ..core.runstore import ACTIVE_STATES, RunFolder
+from ..core.runproto import ACTIVE_STATES
+from ..core.runstore import RunFolder
 from ..core.template import Template
 from ..engine import launch as launcher
 from . import run_figures
@@ -78,6 +79,8 @@ class RunLauncher:
         self._metrics: list[dict] = []
         self._samples: list[dict] = []
         self._lock = threading.Lock()
+        self._refresh_lock = threading.RLock()
+        self.errors = 0  # errors met while following (shown in the message area)
         self._poller: threading.Thread | None = None
         self._stop_polling = threading.Event()
         self._last_redraw = 0.0
@@ -218,7 +221,7 @@ class RunLauncher:
         try:
             cfg = self._config_for_launch()
             handle = launcher.launch_in_kernel(cfg) if self.in_kernel else launcher.launch(cfg)
-        except SftkitError as exc:
+        except Exception as exc:  # noqa: BLE001 - every error of a button goes to the message area
             self._error(exc)
             return None
         self._follow(handle, reset=True)
@@ -230,13 +233,13 @@ class RunLauncher:
             self.handle.stop()
             self._set_state("stopping")
 
-    def resume(self, max_steps: int | None = None):
+    def resume(self, max_steps: int | None = None, *, allow_changed_data: bool = False):
         """Continue the current run from its last checkpoint (max_steps: a new total)."""
         if self.handle is None:
             return None
         try:
-            handle = launcher.resume(self.handle.run, max_steps=max_steps)
-        except SftkitError as exc:
+            handle = launcher.resume(self.handle.run, max_steps=max_steps, allow_changed_data=allow_changed_data)
+        except Exception as exc:  # noqa: BLE001
             self._error(exc)
             return None
         self._follow(handle, reset=True)
@@ -247,8 +250,9 @@ class RunLauncher:
         self._follow(launcher.attach(run), reset=True)
         return self.handle
 
-    def _error(self, exc: Exception):
-        self.message.value = f"<span style='color:#b91c1c'><b>Not started:</b> {html.escape(str(exc))}</span>"
+    def _error(self, exc: Exception, what: str = "Not started"):
+        text = str(exc) if isinstance(exc, SftkitError) else f"{type(exc).__name__}: {exc}"
+        self.message.value = f"<span style='color:#b91c1c'><b>{html.escape(what)}:</b> {html.escape(text)}</span>"
 
     def _follow(self, handle: launcher.RunHandle, reset: bool):
         self._stop_polling.set()
@@ -257,9 +261,17 @@ class RunLauncher:
         self.handle = handle
         with self._lock:
             self._metrics, self._samples = [], []
-        self.message.value = f"run folder: <code>{html.escape(str(handle.run.path))}</code>"
+        notes = "".join(f"<br><span style='color:#92400e'>&#9888; {html.escape(line)}</span>"
+                        for report in handle.reports for line in report.lines())
+        self.message.value = f"run folder: <code>{html.escape(str(handle.run.path))}</code>{notes}"
         self._stop_polling = threading.Event()
-        if self.refresh(force=True) in ACTIVE_STATES:  # an ended run needs no poller
+        try:
+            state = self.refresh(force=True)
+        except Exception as exc:  # noqa: BLE001 - shown; the poller keeps trying
+            self.errors += 1
+            self._error(exc, "Following the run failed (still trying)")
+            state = "pending"
+        if state in ACTIVE_STATES:  # an ended run needs no poller
             self._poller = threading.Thread(target=self._poll_loop, args=(self._stop_polling,), daemon=True)
             self._poller.start()
         else:
@@ -267,20 +279,29 @@ class RunLauncher:
 
     # ---- following ---------------------------------------------------------------------------
     def _poll_loop(self, stop: threading.Event):
+        """Follow the run until it ends; an error is shown in the message area and polling goes on."""
         while not stop.is_set():
-            state = self.refresh()
-            if state not in ACTIVE_STATES:
-                self.refresh(force=True)
-                return
+            try:
+                state = self.refresh()
+                if state not in ACTIVE_STATES:
+                    self.refresh(force=True)
+                    return
+            except Exception as exc:  # noqa: BLE001 - a failed look must not freeze the view
+                self.errors += 1
+                self._error(exc, "Following the run failed (still trying)")
             stop.wait(self.poll_s)
 
     def refresh(self, force: bool = False) -> str:
         """Read what the run wrote since the last look and redraw (throttled)."""
         if self.handle is None:
             return "idle"
+        with self._refresh_lock:  # the poller thread and the notebook both call this
+            return self._refresh(force)
+
+    def _refresh(self, force: bool) -> str:
         update = self.handle.poll()
         with self._lock:
-            if any(e.get("event") == "rewound" for e in update.events):
+            if update.rewound:
                 self._metrics, self._samples = [], []
             self._metrics += update.metrics
             self._samples += update.samples
@@ -289,7 +310,7 @@ class RunLauncher:
         if force or (not update.empty and now - self._last_redraw >= self.min_redraw_s):
             self._redraw(metrics, samples)
             self._last_redraw = now
-        self._show_status(update.status, update.state, metrics)
+        self._show_status(update.status, update.state, update.message, metrics)
         return update.state
 
     def _redraw(self, metrics: list[dict], samples: list[dict]):
@@ -300,8 +321,8 @@ class RunLauncher:
         self.samples.value = run_figures.samples_html(samples)
         self.redraws += 1
 
-    def _show_status(self, status: dict, state: str, metrics: list[dict]):
-        step, total = int(status.get("step") or 0), status.get("max_steps") or 0
+    def _show_status(self, status, state: str, message: str, metrics: list[dict]):
+        step, total = status.step, status.max_steps or 0
         self.progress.max = max(int(total), 1)
         self.progress.value = min(step, self.progress.max)
         timed = [m for m in metrics if "steps_per_s" in m and m["steps_per_s"] > 0][-10:]
@@ -312,11 +333,11 @@ class RunLauncher:
             if total and state in ACTIVE_STATES:
                 label += f" · ETA {_eta(sec_per_step * (total - step))}"
         self.progress_label.value = label
-        self._set_state(state, status.get("message", ""))
+        self._set_state(state, message)
 
     def _set_state(self, state: str, message: str = ""):
         colour = STATE_COLOURS.get(state, "#111827")
-        self.state_label.value = (f"<b style='color:{colour}'>{state}</b> "
+        self.state_label.value = (f"<b style='color:{colour}'>{html.escape(state)}</b> "
                                   f"<span style='color:#374151'>{html.escape(message or '')}</span>")
         active = state in ACTIVE_STATES
         self.start_button.disabled = active

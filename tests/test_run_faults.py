@@ -1,0 +1,250 @@
+"""Faults at named moments, on tiny real models through the real run process: kill -9 at each
+checkpoint phase, non-finite values between logging steps, rows that train nothing, Stop and
+device locks under two processes, a second process on a live run, merge into an existing
+folder, kill only what is ours, a failing sample generation."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sftkit.core.runconfig import RunConfig
+from sftkit.core.runproto import ProcessId, RunState
+from sftkit.core.runstore import CHECKPOINT_MARKER, DeviceLock, RunFolder, RunLock, RunStateError, RunStore, RunWriter
+
+from test_runs import cache, losses, tiny_config, wait_for  # noqa: F401 - fixtures and helpers
+
+CHECKPOINT_FILES = ("adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "scheduler.pt",
+                    "trainer_state.json")
+
+
+def assert_loadable(run: RunFolder):
+    """Every marked checkpoint has all its files; the last one exists."""
+    found = run.checkpoints()
+    assert found, "no complete checkpoint left"
+    for step, path in found:
+        missing = [f for f in CHECKPOINT_FILES if not (path / f).is_file()]
+        assert not missing, f"{path.name} is marked complete but lacks {missing}"
+        assert json.loads((path / "trainer_state.json").read_text())["global_step"] == step
+    return found[-1]
+
+
+@pytest.mark.parametrize("phase", ["checkpoint_saved@4", "checkpoint_marked@4", "rotation_unmarked@2",
+                                   "rotation_partial@2"])
+def test_kill_9_at_each_checkpoint_phase_leaves_the_last_checkpoint_loadable(phase, tiny_llama_dir, tmp_path,
+                                                                               cache):  # noqa: F811
+    from sftkit.engine.launch import launch
+    from sftkit.engine.train import run_training
+
+    cfg = tiny_config(tiny_llama_dir, tmp_path / "runs", max_steps=6, eval_every=0, sample_every=0,
+                      checkpoint_every=2, keep_checkpoints=1)
+    ready = tmp_path / "ready"
+    handle = launch(cfg, env={"SFTKIT_FAULT_PAUSE_AT": phase, "SFTKIT_FAULT_READY": str(ready)})
+    wait_for(ready.exists, what=f"the run to reach {phase}")
+    handle.kill()
+    run = handle.run
+    assert run.state() == "interrupted"
+    step, _ = assert_loadable(run)
+    assert step == (2 if phase == "checkpoint_saved@4" else 4)
+    # resume continues from it and finishes (it also clears what the kill left half done)
+    result = run_training(cfg, run, resume=True)
+    assert result.state == "finished", run.read_status()
+    assert sorted(losses(run)) == list(range(1, 7))
+    assert [s for s, _ in run.checkpoints()] == [6] and assert_loadable(run)[0] == 6
+    assert sorted(p.name for p in run.checkpoints_dir.iterdir()) == ["checkpoint-6"]
+
+
+def test_a_non_finite_update_between_logging_steps_is_never_checkpointed(tiny_llama_dir, tmp_path):
+    from sftkit.engine.train import run_training
+
+    os.environ["SFTKIT_FAULT_NAN_AT_STEP"] = "3"
+    try:
+        cfg = tiny_config(tiny_llama_dir, tmp_path / "runs", max_steps=8, eval_every=0, sample_every=0,
+                          checkpoint_every=1, keep_checkpoints=8, logging_every=5, max_grad_norm=0.0)
+        result = run_training(cfg)
+    finally:
+        del os.environ["SFTKIT_FAULT_NAN_AT_STEP"]
+    run = result.run
+    assert result.state == "failed"
+    assert "non-finite (NaN or inf) at step 3" in result.message and "checkpoint-2" in result.message
+    assert [s for s, _ in run.checkpoints()] == [1, 2]
+    assert not (run.checkpoints_dir / "checkpoint-3" / CHECKPOINT_MARKER).exists()
+
+
+def test_rows_that_train_nothing_are_reported_and_left_out(tiny_llama_dir, tmp_path, cache):  # noqa: F811
+    from sftkit.core.data import DataError
+    from sftkit.engine.launch import launch, preflight
+    from sftkit.engine.train import run_training
+
+    rows = [{"q": f"what is {i} plus {i}?", "a": str(2 * i)} for i in range(12)]
+    for i in (1, 4):
+        rows[i]["q"] = "long question " * 60  # the prompt alone fills max_length
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = tiny_config(tiny_llama_dir, tmp_path / "runs", max_steps=2, eval_every=0, sample_every=0).with_changes(
+        data={"source": str(data), "rows": None, "eval_fraction": 0.0},
+        template={"user_pattern": "{q}", "answer_field": "a", "max_length": 64})
+    checked = preflight(cfg)
+    train = checked.reports[0]
+    assert len(train.dropped) == 2 and train.n_kept == 10
+    assert any("zero trained tokens" in line for line in checked.lines())
+    result = run_training(cfg)
+    assert result.state == "finished", result.message
+    dropped = [e for e in result.run.events() if e["event"] == "rows_dropped"]
+    assert len(dropped) == 1 and len(dropped[0]["dropped"]) == 2
+    assert all(m["loss"] == m["loss"] for m in result.run.metrics() if "loss" in m)  # no 0/0 NaN
+    # nothing trained at all: refused in the kernel, before any folder or process
+    nothing = cfg.with_changes(template={"user_pattern": "long question " * 60 + "{q}", "answer_field": "a",
+                                         "max_length": 64}, store=str(tmp_path / "other"))
+    with pytest.raises(DataError, match="no train row has a trained token"):
+        launch(nothing)
+    assert not (tmp_path / "other").exists()
+
+
+def test_stop_is_agreed_and_the_device_locked_under_two_processes(tiny_llama_dir, tmp_path, cache):  # noqa: F811
+    cfg = tiny_config(tiny_llama_dir, tmp_path / "runs", max_steps=100000, eval_every=0, sample_every=0,
+                      checkpoint_every=100000)
+    path = cfg.save(tmp_path / "run.yaml")
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "sftkit", "train", str(path)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path,
+                            start_new_session=True)
+    try:
+        wait_for(lambda: RunStore(tmp_path / "runs").runs() and len(losses(RunStore(tmp_path / "runs").latest())) >= 2,
+                 timeout=240, what="two steps under two processes")
+        run = RunStore(tmp_path / "runs").latest()
+        assert DeviceLock("cpu").holder()["run"] == str(run.path)
+        # only one rank sees the STOP file at a given step: they must still leave together
+        run.request_stop("test")
+        out, _ = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, out.decode()[-3000:]
+    assert run.state() == "stopped" and run.status().world_size == 2 and run.has_adapter()
+    assert DeviceLock("cpu").holder() is None
+
+
+def test_a_second_process_never_writes_into_a_live_run(tiny_llama_dir, tmp_path, cache):  # noqa: F811
+    cfg = tiny_config(tiny_llama_dir, tmp_path / "runs")
+    live = RunStore(tmp_path / "runs").new_run("live")
+    cfg.save(live.config_path)
+    lock = RunLock(live)  # this test process plays the live run: it holds the run's lock
+    lock.acquire()
+    writer = RunWriter(live)
+    writer.status("pending")
+    writer.status("running", step=3)
+    before = {p.name: p.read_bytes() for p in live.path.iterdir() if p.is_file()}
+    other = cfg.with_changes(training={"learning_rate": 1e-5}).save(tmp_path / "other.yaml")
+    for extra in ([str(other)], [str(live.config_path)], ["--resume"]):
+        out = subprocess.run([sys.executable, "-m", "sftkit", "train", *extra, "--run-dir", str(live.path)],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2 and "error:" in out.stderr, out.stdout + out.stderr
+    assert {p.name: p.read_bytes() for p in live.path.iterdir() if p.is_file()} == before
+    assert live.state() == "running"
+    lock.release()
+
+
+def test_resume_refused_on_a_busy_device_leaves_the_config_alone(tiny_llama_dir, tmp_path, cache):  # noqa: F811
+    from sftkit.core.runstore import DeviceBusyError
+    from sftkit.engine.launch import resume
+    from sftkit.engine.train import run_training
+
+    cfg = tiny_config(tiny_llama_dir, tmp_path / "runs", max_steps=2, eval_every=0, sample_every=0)
+    run = run_training(cfg).run
+    before = run.config_path.read_bytes(), run.status_path.read_bytes()
+    busy = DeviceLock("cpu")
+    busy.acquire(RunFolder(tmp_path / "someone-else"))
+    try:
+        with pytest.raises(DeviceBusyError):
+            resume(run, max_steps=10)
+    finally:
+        busy.release()
+    assert (run.config_path.read_bytes(), run.status_path.read_bytes()) == before
+
+
+def test_merge_never_replaces_a_folder_it_did_not_write(tiny_llama_dir, tmp_path, cache):  # noqa: F811
+    from sftkit.engine.output import MERGE_MARKER, merge_and_save
+    from sftkit.engine.train import run_training
+
+    run = run_training(tiny_config(tiny_llama_dir, tmp_path / "runs", max_steps=2, eval_every=0,
+                                   sample_every=0)).run
+    projects = tmp_path / "projects"
+    projects.mkdir()
+    (projects / "thesis.tex").write_text("years of work")
+    with pytest.raises(RunStateError, match="non-empty folder that sftkit did not write"):
+        merge_and_save(run, projects)
+    out = subprocess.run([sys.executable, "-m", "sftkit", "merge", str(run.path), str(projects)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "did not write" in out.stderr
+    assert [p.name for p in projects.iterdir()] == ["thesis.tex"]
+    for inside in (run.path, run.adapter_dir, run.path.parent):
+        with pytest.raises(RunStateError, match="run folder"):
+            merge_and_save(run, inside, force=True)
+    assert run.has_adapter()
+    merged = merge_and_save(run, tmp_path / "merged")
+    assert (merged / MERGE_MARKER).is_file() and list(merged.glob("*.safetensors"))
+    (merged / "extra.txt").write_text("from the earlier merge")
+    merge_and_save(run, merged)  # an earlier merge's output is replaced whole
+    assert not (merged / "extra.txt").exists() and (merged / MERGE_MARKER).is_file()
+    merge_and_save(run, projects, force=True)
+    assert not (projects / "thesis.tex").exists() and (projects / MERGE_MARKER).is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".") and "merg" in p.name]
+
+
+def test_kill_only_hits_the_run_process(tmp_path):
+    from sftkit.engine.launch import RunHandle
+
+    from test_run_protocol import make_run
+
+    # a status naming a live process whose start time is not the recorded one: a reused pid
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        run = make_run(tmp_path)
+        me = ProcessId.of(bystander.pid)
+        writer = RunWriter(run, process=ProcessId(me.pid, me.start - 500.0, me.host))
+        writer.status("pending")
+        with pytest.raises(RunStateError, match="no live process"):
+            RunHandle(run).kill()
+        assert bystander.poll() is None
+        # an in-kernel run names this very process: refused
+        RunWriter(make_run(tmp_path, "here")).status("pending")
+        with pytest.raises(RunStateError):
+            RunHandle(RunFolder(tmp_path / "runs" / "here")).kill()
+    finally:
+        bystander.kill()
+        bystander.wait()
+    # a handle's own process is killed with its whole session (the child it started too)
+    run = make_run(tmp_path, "own")
+    pidfile = tmp_path / "grandchild"
+    code = (f"import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; "
+            f"time.sleep(120)']); open({str(pidfile)!r}, 'w').write(str(p.pid)); time.sleep(120)")
+    proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    wait_for(lambda: pidfile.exists() and pidfile.read_text(), what="the grandchild")
+    grandchild = int(pidfile.read_text())
+    RunHandle(run, process=proc).kill()
+    assert proc.returncode == -signal.SIGKILL
+    wait_for(lambda: ProcessId(grandchild, None, ProcessId.current().host).alive() is not True,
+             what="the grandchild to be gone")
+
+
+def test_a_failing_sample_generation_is_an_event_and_the_run_goes_on(tiny_llama_dir, tmp_path):
+    from sftkit.engine.train import run_training
+
+    os.environ["SFTKIT_FAULT_RAISE_AT"] = "sample"
+    try:
+        result = run_training(tiny_config(tiny_llama_dir, tmp_path / "runs", max_steps=4, sample_every=2,
+                                          eval_every=0))
+    finally:
+        del os.environ["SFTKIT_FAULT_RAISE_AT"]
+    assert result.state == "finished", result.message
+    failed = [e for e in result.run.events() if e["event"] == "sample_failed"]
+    assert [e["step"] for e in failed] == [2, 4] and "fault injected" in failed[0]["message"]
+    assert sorted(losses(result.run)) == [1, 2, 3, 4]
