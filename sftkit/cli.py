@@ -48,6 +48,9 @@ def _cmd_train(args) -> int:
     if args.resume and run is None:
         print("--resume needs --run-dir (the run folder to continue)", file=sys.stderr)
         return 2
+    if args.max_steps is not None and not args.resume:
+        print("--max-steps goes with --resume (a new run takes training.max_steps from its config)", file=sys.stderr)
+        return 2
     if args.config is None and not args.resume:
         print("give a run config (see `sftkit example-config`), or --resume --run-dir RUN", file=sys.stderr)
         return 2
@@ -56,11 +59,13 @@ def _cmd_train(args) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         # the folder is checked, locked and given a status with this process's identity before the
         # training stack is imported (seconds), so no interrupt leaves a run without a status
-        opened = open_run(cfg, run, resume=args.resume, allow_changed_data=args.allow_changed_data)
+        opened = open_run(cfg, run, resume=args.resume, allow_changed_data=args.allow_changed_data,
+                          max_steps=args.max_steps)
     from .engine.train import run_training
 
     try:
-        result = run_training(cfg, opened.run if opened else run, resume=args.resume, opened=opened)
+        result = run_training(cfg, opened.run if opened else run, resume=args.resume, opened=opened,
+                              max_steps=args.max_steps)
     except BaseException:
         if opened is not None:
             opened.close()
@@ -137,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", help="the run's YAML (see `sftkit example-config`)")
     p.add_argument("--run-dir", help="the run folder to write (default: a new one in the config's store)")
     p.add_argument("--resume", action="store_true", help="continue --run-dir from its last checkpoint")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="with --resume: a new total step count (to train a finished run further)")
     p.add_argument("--allow-changed-data", action="store_true",
                    help="with --resume: continue even though the data's content changed since the run started")
     p.set_defaults(func=_cmd_train)

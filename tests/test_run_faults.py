@@ -110,25 +110,25 @@ def test_stop_is_agreed_and_the_device_locked_under_two_processes(tiny_llama_dir
     cfg = tiny_config(tiny_llama_dir, tmp_path / "runs", max_steps=100000, eval_every=0, sample_every=0,
                       checkpoint_every=100000)
     path = cfg.save(tmp_path / "run.yaml")
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    # only rank 1 sees a Stop, at step 3: without agreement it leaves and rank 0 waits for ever
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "SFTKIT_FAULT_STOP_RANK": "1@3"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "-m", "sftkit", "train", str(path)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path,
                             start_new_session=True)
     try:
-        wait_for(lambda: RunStore(tmp_path / "runs").runs() and len(losses(RunStore(tmp_path / "runs").latest())) >= 2,
-                 timeout=240, what="two steps under two processes")
+        wait_for(lambda: RunStore(tmp_path / "runs").runs() and len(losses(RunStore(tmp_path / "runs").latest())) >= 1,
+                 timeout=240, what="a step under two processes")
         run = RunStore(tmp_path / "runs").latest()
         assert DeviceLock("cpu").holder()["run"] == str(run.path)
-        # only one rank sees the STOP file at a given step: they must still leave together
-        run.request_stop("test")
         out, _ = proc.communicate(timeout=240)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, out.decode()[-3000:]
     assert run.state() == "stopped" and run.status().world_size == 2 and run.has_adapter()
+    assert run.status().step == 3 and max(losses(run)) == 3
     assert DeviceLock("cpu").holder() is None
 
 
@@ -191,9 +191,14 @@ def test_merge_never_replaces_a_folder_it_did_not_write(tiny_llama_dir, tmp_path
     assert run.has_adapter()
     merged = merge_and_save(run, tmp_path / "merged")
     assert (merged / MERGE_MARKER).is_file() and list(merged.glob("*.safetensors"))
-    (merged / "extra.txt").write_text("from the earlier merge")
     merge_and_save(run, merged)  # an earlier merge's output is replaced whole
-    assert not (merged / "extra.txt").exists() and (merged / MERGE_MARKER).is_file()
+    (merged / "eval-results.txt").write_text("the user's, added after the merge")
+    with pytest.raises(RunStateError, match="eval-results.txt"):
+        merge_and_save(run, merged)
+    assert (merged / "eval-results.txt").exists()
+    for never in (Path.home(), Path.cwd(), Path("/")):
+        with pytest.raises(RunStateError, match="give a folder of its own"):
+            merge_and_save(run, never, force=True)
     merge_and_save(run, projects, force=True)
     assert not (projects / "thesis.tex").exists() and (projects / MERGE_MARKER).is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".") and "merg" in p.name]
@@ -248,3 +253,112 @@ def test_a_failing_sample_generation_is_an_event_and_the_run_goes_on(tiny_llama_
     failed = [e for e in result.run.events() if e["event"] == "sample_failed"]
     assert [e["step"] for e in failed] == [2, 4] and "fault injected" in failed[0]["message"]
     assert sorted(losses(result.run)) == [1, 2, 3, 4]
+
+
+def test_resume_never_trains_another_config_into_a_run(tiny_llama_dir, tmp_path):
+    from sftkit.core.runopen import open_run
+    from sftkit.engine.train import run_training
+
+    cfg = tiny_config(tiny_llama_dir, tmp_path / "runs", max_steps=2, eval_every=0, sample_every=0,
+                      checkpoint_every=2)
+    run = run_training(cfg).run
+    before = run.config_path.read_bytes(), run.status_path.read_bytes()
+    other = cfg.with_changes(training={"learning_rate": 0.5})
+    with pytest.raises(RunStateError, match="not run .* own"):
+        open_run(other, run, resume=True)
+    out = subprocess.run([sys.executable, "-m", "sftkit", "train", str(other.save(tmp_path / "other.yaml")),
+                          "--run-dir", str(run.path), "--resume"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "own" in out.stderr
+    assert (run.config_path.read_bytes(), run.status_path.read_bytes()) == before
+    # a new total step count is the one change a resume takes; saved once every check passed
+    result = run_training(run.config(), run, resume=True, max_steps=4)
+    assert result.state == "finished" and run.config().training.max_steps == 4
+    assert sorted(losses(run)) == [1, 2, 3, 4]
+
+
+def test_a_handle_never_records_over_a_run_someone_else_resumed(tiny_llama_dir, tmp_path, cache):  # noqa: F811
+    from sftkit.engine.launch import RunHandle, launch
+
+    cfg = tiny_config(tiny_llama_dir, tmp_path / "runs", max_steps=2, eval_every=0, sample_every=0,
+                      checkpoint_every=2)
+    handle = launch(cfg, env={"PYTHONHOME": str(tmp_path / "nowhere")})  # its process can't even start
+    handle.process.wait(60)
+    run = handle.run
+    # before this handle looks, the grace period passes (the run reads interrupted) and another
+    # kernel resumes it: its launcher's pending status
+    stale = json.loads(run.status_path.read_text())
+    stale["heartbeat"] -= 1000
+    run.status_path.write_text(json.dumps(stale))
+    assert run.state() == "interrupted"
+    other = run.write_launch_status("resuming")
+    assert handle.reconcile() == "pending" and run.status() == other
+    # its own launch, seen in time, is recorded with the log
+    again = launch(cfg.with_changes(name="again", store=str(tmp_path / "other")), env={"PYTHONHOME": str(tmp_path / "nowhere")})
+    assert again.wait(60) == "failed" and "exited (code" in again.run.status().message
+    assert isinstance(again, RunHandle)
+
+
+def test_an_old_pid_only_status_is_not_trusted(tmp_path):
+    """Run folders from before the protocol name a pid alone: a reused pid must not pass for the run."""
+    from sftkit.engine.launch import RunHandle, check_device_free
+
+    from test_run_protocol import make_run
+
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        run = make_run(tmp_path)
+        run.status_path.write_text(json.dumps({"state": "running", "pid": bystander.pid,
+                                               "heartbeat": time.time() - 90 * 86400, "device": "cpu"}))
+        assert run.state() == "interrupted"
+        check_device_free(run.config())  # no longer blocks the device
+        with pytest.raises(RunStateError):
+            RunHandle(run).kill()
+        fresh = json.loads(run.status_path.read_text())
+        fresh["heartbeat"] = time.time() - 2  # the bystander started before this beat: could be the run
+        run.status_path.write_text(json.dumps(fresh))
+        with pytest.raises(RunStateError, match="start time"):
+            RunHandle(run).kill()  # no start time recorded: never signalled
+        assert bystander.poll() is None
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_an_in_kernel_run_whose_thread_dies_is_recorded_and_never_killed(tmp_path):
+    """A run thread that dies without a final state (an error that escaped the job) is recorded by
+    its handle with the error; an attached handle refuses to kill the kernel it runs in."""
+    import threading
+
+    from sftkit.engine.launch import RunHandle
+
+    from test_run_protocol import make_run
+
+    run = make_run(tmp_path)
+    writer = RunWriter(run)
+
+    ready, go = threading.Event(), threading.Event()
+
+    def job():
+        writer.status("pending", mode="thread")
+        writer.status("running", step=2)
+        ready.set()
+        go.wait(30)
+        raise MemoryError("the kernel ran out of memory")
+
+    handle = RunHandle(run)
+    handle.thread = threading.Thread(target=lambda: _keep_error(handle, job))
+    handle.thread.start()
+    assert ready.wait(30)
+    with pytest.raises(RunStateError, match="inside a notebook kernel"):
+        RunHandle(run).kill()
+    go.set()
+    assert handle.wait(30) == "failed"
+    status = run.status()
+    assert "MemoryError: the kernel ran out of memory" in status.message and status.step == 2
+
+
+def _keep_error(handle, job):
+    try:
+        job()
+    except BaseException as exc:  # noqa: BLE001 - what launch_in_kernel's thread does
+        handle.error = exc

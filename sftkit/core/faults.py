@@ -11,6 +11,9 @@ waits there for ever, so a test can ``kill -9`` it at exactly that moment. Phase
     adapter_tmp           the final adapter is written to a temporary folder, not yet swapped in
 
 ``SFTKIT_FAULT_RAISE_AT=sample`` makes sample generation raise (a run must go on without it).
+``SFTKIT_FAULT_STOP_RANK=<rank>@<step>``: only that process of a multi-process run sees a Stop at
+that step (the processes must still leave together). ``SFTKIT_FAULT_NAN_AT_STEP=<step>`` makes a
+trained weight NaN before that step.
 Without the variables this costs one dictionary lookup.
 """
 

@@ -213,6 +213,7 @@ class Status:
     plan: str = ""
     output: str | None = None
     data_sha256: str | None = None
+    mode: str = "process"  # "thread": an in-kernel run (its process is the kernel: never killed)
     schema: int = SCHEMA_VERSION
     unknown_state: str | None = None  # a state this version does not know (shown, never trusted)
 
@@ -246,6 +247,7 @@ class Status:
             plan=_as_str(d.get("plan")),
             output=_as_opt_str(d.get("output")),
             data_sha256=_as_opt_str(d.get("data_sha256")),
+            mode="thread" if d.get("mode") == "thread" else "process",
             schema=_as_int(d.get("schema")) or 0,
             unknown_state=None if state is not None or d.get("state") is None else _as_str(d.get("state"))[:40],
         )
@@ -359,6 +361,16 @@ def effective_state(status: Status, *, folder_age_s: float | None, now: float | 
                            f"no run process took the run over ({age:.0f} s since it was launched)")
         return Reading(status.state, status)
     alive = status.process.alive()
+    if alive and status.process.start is None:
+        # recorded without a start time (an older folder, or no psutil): the pid alone proves
+        # nothing after reuse; trust it only if that process existed when the heartbeat was written
+        # and the heartbeat is recent
+        started = _start_time(status.process.pid)
+        beat = status.heartbeat
+        if beat is None or now - beat > STALE_HEARTBEAT_S or (started is not None and started > beat):
+            return Reading(RunState.INTERRUPTED, status,
+                           f"the run process (pid {status.process.pid}, recorded without a start time) is not the "
+                           "one running now; it ended without a final state")
     if alive is False:
         return Reading(RunState.INTERRUPTED, status,
                        f"the run process (pid {status.process.pid}) is gone; it ended without a final state "

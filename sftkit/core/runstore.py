@@ -157,16 +157,23 @@ class RunFolder:
     def write_launch_status(self, message: str) -> Status:
         """The first ``pending`` of a launch or resume (before the run process exists).
 
-        Refuses while the run is active: a live run's folder is its process's alone."""
-        reading = self.reading()
-        if reading.state.active and reading.status.state is not None:
-            raise RunStateError(f"run {self.name} is {reading.state}; only a run that has ended can be started again")
-        old = reading.status
-        status = Status(state=RunState.PENDING, message=message, heartbeat=time.time(), step=old.step,
-                        max_steps=old.max_steps, attempt=old.attempt, started_at=old.started_at,
-                        data_sha256=old.data_sha256, device=old.device, plan=old.plan)
-        write_text_atomic(self.status_path, json.dumps(status.to_dict(), indent=1, allow_nan=True))
-        return status
+        Refuses while the run is active (checked under the run's lock): a live run's folder is its
+        process's alone."""
+        lock = RunLock(self)
+        lock.acquire()
+        try:
+            reading = self.reading()
+            if reading.state.active and reading.status.state is not None:
+                raise RunStateError(f"run {self.name} is {reading.state}; only a run that has ended can be "
+                                    "started again")
+            old = reading.status
+            status = Status(state=RunState.PENDING, message=message, heartbeat=time.time(), step=old.step,
+                            max_steps=old.max_steps, attempt=old.attempt, started_at=old.started_at,
+                            data_sha256=old.data_sha256, device=old.device, plan=old.plan)
+            write_text_atomic(self.status_path, json.dumps(status.to_dict(), indent=1, allow_nan=True))
+            return status
+        finally:
+            lock.release()
 
     def write_reconciled(self, status: Status, expected: Status) -> bool:
         """Record ``reconcile``'s verdict for a run whose writer is gone, only if the status is still
@@ -314,6 +321,10 @@ class RunLock:
             os.close(fd)
             raise RunBusyError(f"another process is writing run {self.run.name} ({self.run.path}); "
                                "one process per run") from None
+        except OSError as exc:
+            os.close(fd)
+            raise RunStateError(f"can't lock {self.run.lock_path} ({exc}): the run store's file system does not "
+                                "support file locks; put the store on a local disk (RunConfig.store)") from None
         self._fd = fd
 
     def release(self) -> None:

@@ -28,36 +28,61 @@ from ..core.runstore import DeviceBusyError, DeviceLock, RunFolder, RunStateErro
 class RunHandle:
     """A run started (or found) from this process: follow it, stop it, wait for it.
 
-    ``state`` only reads. ``reconcile()`` (called by ``poll``) is the one write a handle makes:
-    when the process it started has exited without a final state, it records why."""
+    ``state`` only reads. ``reconcile()`` (called by ``poll`` and ``wait``) is the one write a
+    handle makes: when the process or thread it started has ended without a final state, it
+    records why, and only while the status is still the one this handle's launch wrote or its
+    own process wrote (a run resumed meanwhile by someone else is left alone)."""
 
     def __init__(self, run: RunFolder, process: subprocess.Popen | None = None, thread=None,
-                 reports: tuple[RowReport, ...] = ()):
+                 reports: tuple[RowReport, ...] = (), launch_status=None):
         self.run = run
         self.process = process
         self.thread = thread  # in-kernel mode: the thread running the job
+        self.error: BaseException | None = None  # in-kernel mode: what ended the thread, if it raised
         self.follower = RunFollower(run)
         self.reports = reports  # what rendering the rows found before the start
+        self.launch_status = launch_status  # the pending status this handle's launch wrote
 
     def __repr__(self) -> str:
         return f"RunHandle({self.run.name}, state={self.state})"
 
+    def _own_child_alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
     @property
     def state(self) -> str:
-        return self.run.state()
+        state = self.run.state()
+        if state == "interrupted" and self._own_child_alive():
+            return "pending"  # our own process is still starting (slow data): not interrupted
+        return state
+
+    def _owns(self, status) -> bool:
+        if status.process is None:
+            return self.launch_status is not None and status == self.launch_status
+        if self.process is not None:
+            return status.process.pid == self.process.pid
+        return status.mode == "thread" and status.process.pid == os.getpid()
 
     def reconcile(self) -> str:
-        """If the process this handle started has exited and the run still reads as active, record
-        it: ``failed`` with the end of run.log for a non-zero exit, ``interrupted`` for a signal."""
-        if self.process is None or self.process.poll() is None:
+        """Record how this handle's process or thread ended, if it ended without saying so."""
+        if self.process is not None:
+            if self.process.poll() is None:
+                return self.state
+            code = self.process.returncode
+            tail = self.run.log_path.read_text(encoding="utf-8", errors="replace")[-600:] \
+                if self.run.log_path.exists() else ""
+            detail = f"the run process exited (code {code}) without finishing; the end of run.log: {tail.strip()}"
+        elif self.thread is not None:
+            if self.thread.is_alive():
+                return self.state
+            code = 1 if self.error is not None else 0
+            detail = (f"the run thread ended without finishing: {type(self.error).__name__}: {self.error}"
+                      if self.error is not None else "the run thread ended without finishing")
+        else:
             return self.state
         reading = self.run.reading()
-        if reading.status.state is None or reading.status.state.ended:
-            return reading.state.value
-        code = self.process.returncode
-        tail = self.run.log_path.read_text(encoding="utf-8", errors="replace")[-600:] \
-            if self.run.log_path.exists() else ""
-        detail = f"the run process exited (code {code}) without finishing; the end of run.log: {tail.strip()}"
+        if reading.status.state is None or reading.status.state.ended or not self._owns(reading.status):
+            return self.state
         verdict = reconcile(reading, exit_code=code, detail=detail)
         if verdict is not None:
             self.run.write_reconciled(verdict, reading.status)
@@ -65,7 +90,10 @@ class RunHandle:
 
     def poll(self):
         self.reconcile()
-        return self.follower.poll()
+        update = self.follower.poll()
+        if update.state == "interrupted" and self._own_child_alive():
+            update.state = "pending"
+        return update
 
     def stop(self) -> None:
         """Ask the run to stop at the next step boundary; it saves the adapter first."""
@@ -75,7 +103,8 @@ class RunHandle:
         """End the run process now (no adapter saved; the last checkpoint stays loadable).
 
         Only a process this handle started (its whole session), or, for an attached run, the
-        process the status names if its start time still matches: a reused pid is never hit."""
+        process the status names when its recorded start time still matches: a reused pid, a
+        status without a start time, or a run inside a kernel is never signalled."""
         if self.thread is not None:
             raise RunStateError("an in-kernel run can't be killed; use stop() (or restart the kernel)")
         if self.process is not None:
@@ -86,17 +115,22 @@ class RunHandle:
                     self.process.kill()
             self.process.wait()
             return
-        proc = self.run.status().process
-        if proc is None or proc.alive() is not True:
-            raise RunStateError(f"run {self.run.name} has no live process of its own to kill")
+        status = self.run.status()
+        proc = status.process
+        if status.mode == "thread":
+            raise RunStateError(f"run {self.run.name} runs inside a notebook kernel; stop it (killing would end "
+                                "that kernel)")
+        if proc is None or proc.start is None or proc.alive() is not True:
+            raise RunStateError(f"run {self.run.name} has no live process of its own to kill (a process is "
+                                "killed only when its pid and start time both match the run's)")
         if proc.pid == os.getpid():
-            raise RunStateError("the run is in this kernel; use stop()")
+            raise RunStateError("the run is in this process; use stop()")
         os.kill(proc.pid, signal.SIGKILL)
 
     def wait(self, timeout: float | None = None) -> str:
         if self.thread is not None:
             self.thread.join(timeout)
-            return self.state
+            return self.reconcile()
         if self.process is not None:
             try:
                 self.process.wait(timeout)
@@ -165,11 +199,10 @@ def _spawn(run: RunFolder, extra: list[str], env: dict | None) -> subprocess.Pop
         log.close()
 
 
-def _new_run_folder(cfg: RunConfig, message: str) -> RunFolder:
+def _new_run_folder(cfg: RunConfig, message: str):
     run = RunStore(cfg.store).new_run(cfg.name)
     cfg.save(run.config_path)
-    run.write_launch_status(message)
-    return run
+    return run, run.write_launch_status(message)
 
 
 def launch(cfg: RunConfig, *, env: dict | None = None) -> RunHandle:
@@ -178,8 +211,8 @@ def launch(cfg: RunConfig, *, env: dict | None = None) -> RunHandle:
     cfg = cfg.with_paths_from(Path.cwd())  # the run folder's config must not depend on a working directory
     checked = preflight(cfg)
     check_device_free(cfg)
-    run = _new_run_folder(cfg, "starting the run process")
-    return RunHandle(run, _spawn(run, [], env), reports=checked.reports)  # the process writes its own state
+    run, launched = _new_run_folder(cfg, "starting the run process")
+    return RunHandle(run, _spawn(run, [], env), reports=checked.reports, launch_status=launched)
 
 
 def _import_training_stack() -> None:
@@ -198,20 +231,32 @@ def launch_in_kernel(cfg: RunConfig) -> RunHandle:
 
     For tiny models and quick experiments: no process start-up, but the run shares the kernel's
     memory and ends with it, and a model trained here should not be one the kernel also uses.
-    Same run folder, same Stop, same views.
+    Same run folder, same Stop, same views. The folder is opened (checked, locked, given its
+    first status) here, so every refusal is raised in the notebook.
     """
     import threading
 
+    from ..core.runopen import open_run
     from .train import run_training
 
     _import_training_stack()
     cfg = cfg.with_paths_from(Path.cwd())
     checked = preflight(cfg)
     check_device_free(cfg)
-    run = _new_run_folder(cfg, "starting the run thread")
-    thread = threading.Thread(target=run_training, args=(cfg, run), name=f"sftkit-run-{run.name}", daemon=True)
-    thread.start()
-    return RunHandle(run, thread=thread, reports=checked.reports)
+    opened = open_run(cfg, mode="thread")
+    handle = RunHandle(opened.run, reports=checked.reports)
+
+    def target():
+        try:
+            run_training(opened.cfg, opened.run, opened=opened)
+        except BaseException as exc:  # noqa: BLE001 - kept for the handle to record (reconcile)
+            handle.error = exc
+        finally:
+            opened.close()
+
+    handle.thread = threading.Thread(target=target, name=f"sftkit-run-{opened.run.name}", daemon=True)
+    handle.thread.start()
+    return handle
 
 
 def resume(run: RunFolder | str | Path, *, env: dict | None = None, max_steps: int | None = None,
@@ -233,16 +278,15 @@ def resume(run: RunFolder | str | Path, *, env: dict | None = None, max_steps: i
                             "(checkpoints are written every training.checkpoint_every steps)")
     cfg = run.config()
     if max_steps is not None:
-        cfg = cfg.with_changes(training={"max_steps": max_steps})
+        cfg = cfg.with_changes(training={"max_steps": max_steps})  # saved by the run process, under its lock
     checked = preflight(cfg)
     check_data_unchanged(run, checked.fingerprint, allow_changed_data=allow_changed_data)
     check_device_free(cfg)
-    if max_steps is not None:
-        cfg.save(run.config_path)
+    launched = run.write_launch_status("resuming")  # re-checks the state under the run's lock
     run.clear_stop()
-    run.write_launch_status("resuming")
-    extra = ["--resume"] + (["--allow-changed-data"] if allow_changed_data else [])
-    return RunHandle(run, _spawn(run, extra, env), reports=checked.reports)
+    extra = ["--resume"] + (["--allow-changed-data"] if allow_changed_data else []) + \
+        (["--max-steps", str(max_steps)] if max_steps is not None else [])
+    return RunHandle(run, _spawn(run, extra, env), reports=checked.reports, launch_status=launched)
 
 
 def attach(run: RunFolder | str | Path) -> RunHandle:

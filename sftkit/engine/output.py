@@ -45,18 +45,41 @@ def load_trained(run, *, quantization: str = "none", device: str = "auto", check
 MERGE_MARKER = ".sftkit-merged.json"
 
 
+def _merge_files(output: Path) -> set[str] | None:
+    """The files an earlier merge wrote into ``output`` (from its marker), or None if it has none."""
+    import json
+
+    try:
+        data = json.loads((output / MERGE_MARKER).read_text(encoding="utf-8"))
+        return set(data["files"]) | {MERGE_MARKER}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _check_merge_output(run: RunFolder, output: Path, force: bool) -> None:
-    """OUT must be new, an empty folder, or an earlier merge's output (its marker); never the run
-    folder or anything inside it, whatever ``force`` says."""
+    """OUT must be new, an empty folder, or an earlier merge's output holding only what that merge
+    wrote. ``force`` replaces another folder, but never the run folder (or anything inside or above
+    it), the home folder, the working directory or a folder above it, or the file system's root."""
     out, run_dir = output.resolve(), run.path.resolve()
     if out == run_dir or run_dir in out.parents or out in run_dir.parents:
         raise RunStateError(f"merge output {output} is the run folder, inside it or above it; give a folder of its own")
+    cwd = Path.cwd().resolve()
+    if out == Path(out.anchor) or out == Path.home().resolve() or out == cwd or out in cwd.parents:
+        raise RunStateError(f"merge output {output} is the root, the home folder or the working directory (or above "
+                            "it); give a folder of its own")
     if not output.exists() and not output.is_symlink():
         return
     if output.is_symlink() or not output.is_dir():
         raise RunStateError(f"merge output {output} exists and is not a folder; give a new folder")
-    if not any(output.iterdir()) or (output / MERGE_MARKER).is_file() or force:
+    present = {str(p.relative_to(output)) for p in output.rglob("*") if p.is_file() or p.is_symlink()}
+    written = _merge_files(output)
+    if not present or force or (written is not None and present <= written):
         return
+    if written is not None:
+        extra = sorted(present - written)
+        raise RunStateError(f"merge output {output} is an earlier merge's, but now also holds files it did not "
+                            f"write ({', '.join(extra[:5])}); nothing was changed. Move them, give a new folder, or "
+                            "--force (force=True) to replace it all.")
     raise RunStateError(f"merge output {output} is a non-empty folder that sftkit did not write; nothing was "
                         "changed. Give a new folder, or --force (force=True) to replace it.")
 
@@ -64,9 +87,10 @@ def _check_merge_output(run: RunFolder, output: Path, force: bool) -> None:
 def merge_and_save(run, output: str | Path, *, force: bool = False) -> Path:
     """Merge the run's adapter into its (unquantized) base model; save safetensors + tokenizer.
 
-    output: a new or empty folder, or an earlier merge's output (it carries a marker file), which
-    is replaced. Any other existing folder is refused unless ``force``. The new model is written
-    beside it and swapped in: old folder renamed aside, new one renamed in, then the old removed.
+    output: a new or empty folder, or an earlier merge's output (a marker lists what it wrote),
+    which is replaced. Any other existing folder is refused unless ``force``. The new model is
+    written beside it and swapped in: the old folder renamed aside, the new one renamed in (the
+    old one put back if that fails), then the old removed.
     """
     import json
     import time
@@ -80,17 +104,25 @@ def merge_and_save(run, output: str | Path, *, force: bool = False) -> Path:
     merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".merging", dir=str(output.parent)))
+    old = None
     try:
         merged.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
-        write_text_atomic(tmp / MERGE_MARKER, json.dumps({"run": str(run.path.resolve()), "time": time.time()}))
+        files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+        write_text_atomic(tmp / MERGE_MARKER, json.dumps({"run": str(run.path.resolve()), "time": time.time(),
+                                                          "files": files}))
         _check_merge_output(run, output, force)  # still true after the minutes the merge took
-        old = None
         if output.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".old", dir=str(output.parent)))
             old.rmdir()
             output.rename(old)
-        tmp.rename(output)
+        try:
+            tmp.rename(output)
+        except BaseException:
+            if old is not None:
+                old.rename(output)  # the user's folder back where it was
+                old = None
+            raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
