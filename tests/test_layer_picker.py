@@ -80,3 +80,16 @@ def test_nothing_trainable_is_shown_as_an_error(picker):
             picker.cells[(b, c)].click()
     assert picker.error and "nothing is trainable" in picker.error
     assert "sftkit-error" in picker.messages.value
+
+
+def test_controls_follow_the_editor(picker):
+    """The widgets are bound to picker.editor both ways: a change made on the editor redraws."""
+    a = picker.anatomy
+    picker.editor.set_plan(FreezePlan.preset("freeze_tuning", a, top_n=1, rank=8))
+    assert picker.rank.value == 8 and picker.preset.value == "freeze_tuning" and picker.top_n.value == 1
+    assert picker.cells[(1, "mlp.up_proj")].style.button_color == "#fdba74"
+    picker.editor.set_budget(batch_size=2)
+    assert picker.batch_size.value == 2 and "batch 2 x 64" in picker.counters.value
+    picker.head.value = True
+    assert picker.editor.groups["head"] and FreezePlan.head(a).train_params <= picker.plan.train_params
+    assert picker.editor.adapter_config().head is False and picker.editor.adapter_config().add_train

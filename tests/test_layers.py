@@ -60,6 +60,21 @@ def test_engine_imports_no_widgets_and_not_ui():
         assert not bad, f"engine/{name} imports {sorted(bad)}"
 
 
+def test_state_imports_no_widgets_and_not_ui():
+    found = layer_imports("state")
+    assert found, "the state layer has no modules"
+    for name, mods in found.items():
+        bad = (roots(mods) & WIDGETS) | {m for m in mods if m.startswith("sftkit.ui")}
+        assert not bad, f"state/{name} imports {sorted(bad)}"
+
+
+def test_lower_layers_never_import_state():
+    for layer in ("core", "engine"):
+        for name, mods in layer_imports(layer).items():
+            bad = {m for m in mods if m.startswith("sftkit.state")}
+            assert not bad, f"{layer}/{name} imports {sorted(bad)}"
+
+
 def test_import_sftkit_is_cheap_and_changes_no_global_state():
     code = (
         "import sys, os, json, logging, time\n"

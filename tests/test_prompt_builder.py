@@ -61,6 +61,7 @@ def test_debounced_preview_waits_for_typing_to_stop(tiny):
     before = b.preview.value
     b.pattern.value = "Typed: {text}"
     assert b.preview.value == before  # not yet
+    assert b.template.user_pattern == "Typed: {text}"  # the draft has the edit already
     deadline = time.time() + 5
     while b.preview.value == before and time.time() < deadline:
         time.sleep(0.05)
@@ -92,6 +93,26 @@ def test_few_shot_editor_add_edit_reorder_remove(tiny):
     assert b.template.examples[-1] == {"text": "", "iso": ""}
     b.mode.value = "zero-shot"
     assert b.rendered.n_tokens == zero_len
+
+
+def test_controls_write_the_draft_and_draft_changes_redraw_the_view(tiny):
+    model, tok = tiny
+    rows = teaching_task("dates").rows(20)
+    b = PromptBuilder(rows, tok, model, teaching_task("dates").template, debounce=0)
+    d = b.draft
+    b.prefix.value = "Answer: "
+    b.mode.value = "few-shot"
+    b.row.value = 2
+    assert (d.assistant_prefix, d.mode, d.row_index) == ("Answer: ", "few-shot", 2)
+    b.mode.value = "zero-shot"
+    d.add_example(rows[2])  # changed on the draft, not through the view
+    assert b.mode.value == "few-shot" and len(b.examples_box.children) == 1
+    assert b.examples_box.children[0].children[1].value == rows[2]["text"]
+    d.update(max_length=20)
+    assert "cut at 20 tokens" in b.preview.value and "sftkit-warning" in b.messages.value
+    assert b.warnings == d.warnings and b.rendered is d.rendered
+    d.report_error(RuntimeError("<i>x</i>"))
+    assert "sftkit-error" in b.messages.value and "&lt;i&gt;x" in b.messages.value and b.error
 
 
 def test_check_all_rows_reports_lengths(tiny):

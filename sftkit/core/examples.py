@@ -4,60 +4,18 @@ from __future__ import annotations
 
 import yaml
 
-from .runconfig import RunConfig
+from .fields import comment_of
+from .runconfig import RunConfig, RunConfigError, config_fields
 
-COMMENTS = {
-    "name": "part of the run folder's name: <store>/<YYYYMMDD-HHMMSS>-<name>",
-    "store": "the folder run folders go into (relative to this file)",
-    "model": "which model and how to load it",
-    "model.spec": "'default' (bundled SmolLM2-135M-Instruct), a hub id, a local folder or a .gguf file",
-    "model.quantization": "auto | 4bit | 8bit | none. auto: 4-bit NF4 QLoRA on CUDA, plain fp32 LoRA on CPU",
-    "model.device": "auto | cpu | cuda",
-    "model.dtype": "auto | float32 | bfloat16 | float16 (auto: bf16 on GPUs that have it, fp32 on CPU)",
-    "model.attn_implementation": "sdpa | eager",
-    "data": "the rows",
-    "data.source": "teaching:dates, teaching:intent, or a .jsonl/.json/.csv file (relative to this file)",
-    "data.rows": "teaching tasks: rows to generate; files: keep the first N (null: all)",
-    "data.eval_fraction": "held-out share for eval loss and samples (0: none)",
-    "data.max_eval_rows": "cap on held-out rows evaluated (eval time grows with it)",
-    "data.split_seed": "the same seed gives the same split",
-    "data.sample_prompts": "held-out rows the run answers every training.sample_every steps",
-    "template": "null: the teaching task's template. Otherwise user_pattern, answer_field, system, ...",
-    "adapter": "what trains: a preset plus explicit additions/removals",
-    "adapter.preset": "lora_attention | lora_all_linear | lora_top_blocks | freeze_tuning | bitfit | none",
-    "adapter.top_n": "lora_top_blocks / freeze_tuning: how many of the last blocks",
-    "adapter.embeddings": "also train the input embeddings",
-    "adapter.head": "also train the output head",
-    "adapter.rank": "LoRA rank",
-    "adapter.alpha": "LoRA scale numerator (the update is scaled by alpha / rank)",
-    "adapter.dropout": "LoRA dropout",
-    "adapter.add_lora": "module paths to add LoRA to, e.g. model.layers.0.mlp.down_proj",
-    "adapter.remove_lora": "module paths to take out of the preset",
-    "adapter.add_train": "parameter names to train in full, e.g. model.norm.weight",
-    "adapter.remove_train": "parameter names to take out of the preset",
-    "training": "the optimisation loop (a step is one optimizer update)",
-    "training.epochs": "passes over the training rows (ignored when max_steps is set)",
-    "training.max_steps": "total optimizer steps (null: from epochs)",
-    "training.batch_size": "rows per device per forward pass",
-    "training.grad_accum": "forward passes per optimizer step (effective batch = batch_size x grad_accum)",
-    "training.learning_rate": "peak learning rate",
-    "training.lr_schedule": "constant | constant_with_warmup | linear | cosine",
-    "training.warmup": "warm-up: a fraction of the steps (< 1) or a number of steps",
-    "training.max_length": "tokens per row (null: the template's max_length)",
-    "training.weight_decay": "AdamW weight decay",
-    "training.max_grad_norm": "gradient clipping (0: none)",
-    "training.eval_every": "steps between eval-loss measurements (0: once at the end)",
-    "training.early_stopping_patience": "stop after this many evals without improvement (0: off)",
-    "training.early_stopping_threshold": "the improvement that counts",
-    "training.gradient_checkpointing": "recompute activations in backward: less memory, about 30% slower",
-    "training.seed": "the same seed gives the same run",
-    "training.packing": "pack rows into one padding-free sequence per batch (kept apart: no cross-row attention)",
-    "training.checkpoint_every": "steps between resumable checkpoints",
-    "training.keep_checkpoints": "how many checkpoints to keep",
-    "training.sample_every": "steps between sample generations (0: only at the end)",
-    "training.sample_max_new_tokens": "length cap of those generations",
-    "training.logging_every": "steps between metric lines",
-}
+
+def field_comments() -> dict[str, str]:
+    """The comment above each field of the example config, from the field's declaration: its help,
+    then what it allows (``rows per device per forward pass. Allowed: an integer from 1 to 4096``)."""
+    comments = {name: comment_of(f) for name, f in config_fields(sections=True)}
+    return {name: c for name, c in comments.items() if c}  # one without: commented_yaml names it
+
+
+COMMENTS = field_comments()
 
 
 def example_config() -> RunConfig:
@@ -76,7 +34,11 @@ def example_config() -> RunConfig:
 
 
 def commented_yaml(cfg: RunConfig, comments: dict[str, str] = COMMENTS) -> str:
-    """The config as YAML with a comment above every field."""
+    """The config as YAML with a comment above every field (a field of the config without one is an error;
+    the template's own fields are commented when ``comments`` has them)."""
+    missing = [name for name, _ in config_fields(sections=True) if not comments.get(name)]
+    if missing:
+        raise RunConfigError(f"no comment for {', '.join(missing)}: declare its help with setting(help=...)")
     lines = ["# sftkit run config. Train it with:  sftkit train THIS.yaml",
              "# Every field is optional; a missing one takes its default.", ""]
     for key, value in cfg.to_dict().items():

@@ -4,24 +4,29 @@ It round-trips to YAML (``to_yaml`` / ``from_yaml`` / ``save`` / ``load``), refu
 fields, and validates every value on construction with a message that names the field
 (``training.batch_size``) and what is allowed. Pure Python: the engine turns it into
 library objects (``TrainingArguments``, ``LoraConfig``, ...) with explicit build functions.
+
+Each field is declared once, with ``setting(default, help=..., allowed=..., widget=...)``
+(see ``fields``): the checks, the example config's comments and the launcher's knobs
+(``knob_spec``) all come from that declaration. Adding a setting is that one line plus its use.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .atomic import write_text_atomic
 from .errors import ConfigError
+from .fields import Choice, Flag, Float, Int, KnobSpec, Names, Text, check_fields, knob_of, setting
 from .policy import DEVICES, DTYPES, QUANTIZATIONS
 from .template import Template
 
-PRESETS = ("lora_attention", "lora_all_linear", "lora_top_blocks", "freeze_tuning", "bitfit", "none")
+from .plan import PRESETS  # the one definition, with what each preset means
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
 ATTENTION = ("sdpa", "eager")
+WARMUP_ALLOWED = "a fraction of the steps in [0, 1) or a whole number of steps"
 
 
 class RunConfigError(ConfigError):
@@ -29,77 +34,29 @@ class RunConfigError(ConfigError):
 
 
 def _need(cond: bool, where: str, value: Any, allowed: str) -> None:
+    """A rule between fields (the fields' own ranges are checked from their metadata)."""
     if not cond:
         raise RunConfigError(f"{where}={value!r} is not allowed; allowed: {allowed}")
-
-
-def _coerce_numbers(obj) -> None:
-    """Numeric strings in int/float fields become numbers, in place.
-
-    YAML 1.1 (PyYAML) reads ``2e-4`` or ``1e3`` as strings, and a quoted ``'8'`` is one too.
-    An int field takes ``'8'`` (or ``'1e3'``: a whole number); a float field takes any
-    finite number and keeps ``'3'`` an int (``training.warmup``: whole steps). Anything
-    else is left as it is, for the field's own check to refuse with its message.
-    """
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if not isinstance(value, str):
-            continue
-        kinds = {t.strip() for t in str(f.type).split("|")}
-        if "int" in kinds:
-            number = _parse_number(value, whole=True)
-        elif "float" in kinds:
-            number = _parse_number(value, whole=False)
-        else:
-            continue
-        if number is not None:
-            setattr(obj, f.name, number)
-
-
-def _parse_number(text: str, *, whole: bool) -> int | float | None:
-    text = text.strip()
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        number = float(text)
-    except ValueError:
-        return None
-    if not math.isfinite(number):
-        return None
-    if whole:
-        return int(number) if number.is_integer() else None
-    return number
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @dataclass
 class ModelConfig:
     """Which model and how to load it (see ``sftkit.load_model``)."""
 
-    spec: str = "default"
-    quantization: str = "auto"
-    device: str = "auto"
-    dtype: str = "auto"
-    attn_implementation: str = "sdpa"
+    spec: str = setting("default", help="the model to train ('default': the bundled SmolLM2-135M-Instruct)",
+                        allowed=Text("'default', a hub id, a local folder or a .gguf file"), widget="text",
+                        label="model")
+    quantization: str = setting("auto", allowed=Choice(QUANTIZATIONS), widget="choice",
+                                help="how the weights load. auto: 4-bit NF4 QLoRA on CUDA, plain fp32 LoRA on CPU")
+    device: str = setting("auto", help="where the run trains (auto: the GPU if there is one, else the CPU)",
+                          allowed=Choice(DEVICES), widget="choice")
+    dtype: str = setting("auto", help="compute dtype (auto: bf16 on GPUs that have it, fp32 on CPU)",
+                         allowed=Choice(DTYPES), widget="choice")
+    attn_implementation: str = setting("sdpa", help="the attention kernel (sdpa: PyTorch's fused one; eager: plain)",
+                                       allowed=Choice(ATTENTION), widget="choice", label="attention")
 
     def __post_init__(self):
-        _coerce_numbers(self)
-        _need(isinstance(self.spec, str) and bool(self.spec.strip()), "model.spec", self.spec,
-              "'default', a hub id, a local folder or a .gguf file")
-        _need(self.quantization in QUANTIZATIONS, "model.quantization", self.quantization, ", ".join(QUANTIZATIONS))
-        _need(self.device in DEVICES, "model.device", self.device, ", ".join(DEVICES))
-        _need(self.dtype in DTYPES, "model.dtype", self.dtype, ", ".join(DTYPES))
-        _need(self.attn_implementation in ATTENTION, "model.attn_implementation", self.attn_implementation,
-              ", ".join(ATTENTION))
+        check_fields(self, "model", RunConfigError)
 
 
 @dataclass
@@ -110,26 +67,21 @@ class DataConfig:
     rows: teaching tasks: how many rows to generate; files: keep the first N (None: all).
     """
 
-    source: str = "teaching:dates"
-    rows: int | None = 400
-    eval_fraction: float = 0.1
-    max_eval_rows: int | None = 64
-    split_seed: int = 0
-    sample_prompts: int = 3
+    source: str = setting("teaching:dates", help="where the rows come from (a relative path: from the config's folder)",
+                          allowed=Text("'teaching:<task>' or a path to a .jsonl, .json, .csv or .tsv file"),
+                          widget="text", label="data")
+    rows: int | None = setting(400, help="teaching tasks: rows to generate; files: keep the first N",
+                               allowed=Int(2, null="all"), widget="int")
+    eval_fraction: float = setting(0.1, help="held-out share for eval loss and samples",
+                                   allowed=Float(0, 1, max_open=True, note="0: no eval split"), widget="float")
+    max_eval_rows: int | None = setting(64, help="cap on held-out rows evaluated (eval time grows with it)",
+                                        allowed=Int(1, null="no cap"), widget="int")
+    split_seed: int = setting(0, help="the same seed gives the same split", allowed=Int(), widget="int")
+    sample_prompts: int = setting(3, help="held-out rows the run answers every training.sample_every steps",
+                                  allowed=Int(0, 8), widget="int")
 
     def __post_init__(self):
-        _coerce_numbers(self)
-        _need(isinstance(self.source, str) and bool(self.source.strip()), "data.source", self.source,
-              "'teaching:<task>' or a path to a .jsonl, .json, .csv or .tsv file")
-        _need(self.rows is None or (_is_int(self.rows) and self.rows >= 2), "data.rows", self.rows,
-              "null (all) or an integer >= 2")
-        _need(_is_num(self.eval_fraction) and 0 <= self.eval_fraction < 1, "data.eval_fraction",
-              self.eval_fraction, "a number in [0, 1) (0: no eval split)")
-        _need(self.max_eval_rows is None or (_is_int(self.max_eval_rows) and self.max_eval_rows >= 1),
-              "data.max_eval_rows", self.max_eval_rows, "null (no cap) or an integer >= 1")
-        _need(_is_int(self.split_seed), "data.split_seed", self.split_seed, "an integer")
-        _need(_is_int(self.sample_prompts) and 0 <= self.sample_prompts <= 8, "data.sample_prompts",
-              self.sample_prompts, "an integer from 0 to 8 (held-out rows generated from during the run)")
+        check_fields(self, "data", RunConfigError)
 
     @property
     def teaching_task(self) -> str | None:
@@ -144,106 +96,82 @@ class AdapterConfig:
     config stays readable and portable: ``preset: lora_attention, remove_lora: [...]``.
     """
 
-    preset: str = "lora_attention"
-    top_n: int | None = None
-    embeddings: bool = False
-    head: bool = False
-    rank: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.05
-    add_lora: list[str] = field(default_factory=list)
-    remove_lora: list[str] = field(default_factory=list)
-    add_train: list[str] = field(default_factory=list)
-    remove_train: list[str] = field(default_factory=list)
+    preset: str = setting("lora_attention", help="what trains, before the additions and removals below",
+                          allowed=Choice(PRESETS), widget="choice")
+    top_n: int | None = setting(None, help="lora_top_blocks / freeze_tuning: how many of the last blocks",
+                                allowed=Int(1, null=""), widget="int", label="top blocks")
+    embeddings: bool = setting(False, help="also train the input embeddings", allowed=Flag(), widget="bool")
+    head: bool = setting(False, help="also train the output head", allowed=Flag(), widget="bool")
+    rank: int = setting(16, help="LoRA rank (the inner size of each update)", allowed=Int(1, 1024), widget="int")
+    alpha: float = setting(32.0, help="LoRA scale numerator (the update is scaled by alpha / rank)",
+                           allowed=Float(0, min_open=True), widget="float")
+    dropout: float = setting(0.05, help="LoRA dropout", allowed=Float(0, 1, max_open=True), widget="float")
+    add_lora: list[str] = setting(help="module paths to add LoRA to, e.g. model.layers.0.mlp.down_proj",
+                                  allowed=Names("a list of module or parameter names"), default_factory=list)
+    remove_lora: list[str] = setting(help="module paths to take out of the preset",
+                                     allowed=Names("a list of module or parameter names"), default_factory=list)
+    add_train: list[str] = setting(help="parameter names to train in full, e.g. model.norm.weight",
+                                   allowed=Names("a list of module or parameter names"), default_factory=list)
+    remove_train: list[str] = setting(help="parameter names to take out of the preset",
+                                      allowed=Names("a list of module or parameter names"), default_factory=list)
 
     def __post_init__(self):
-        _coerce_numbers(self)
-        _need(self.preset in PRESETS, "adapter.preset", self.preset, ", ".join(PRESETS))
-        _need(self.top_n is None or (_is_int(self.top_n) and self.top_n >= 1), "adapter.top_n", self.top_n,
-              "null or an integer >= 1 (how many of the last blocks)")
+        check_fields(self, "adapter", RunConfigError)
         if self.preset in ("lora_top_blocks", "freeze_tuning"):
             _need(self.top_n is not None, "adapter.top_n", self.top_n,
                   f"an integer >= 1: preset {self.preset} needs it")
-        _need(isinstance(self.embeddings, bool), "adapter.embeddings", self.embeddings, "true or false")
-        _need(isinstance(self.head, bool), "adapter.head", self.head, "true or false")
-        _need(_is_int(self.rank) and 1 <= self.rank <= 1024, "adapter.rank", self.rank, "an integer from 1 to 1024")
-        _need(_is_num(self.alpha) and self.alpha > 0, "adapter.alpha", self.alpha, "a number > 0")
-        _need(_is_num(self.dropout) and 0 <= self.dropout < 1, "adapter.dropout", self.dropout, "a number in [0, 1)")
-        for name in ("add_lora", "remove_lora", "add_train", "remove_train"):
-            value = getattr(self, name)
-            _need(isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value), f"adapter.{name}",
-                  value, "a list of module or parameter names")
-            setattr(self, name, sorted(set(value)))
 
 
 @dataclass
 class TrainingConfig:
     """The optimisation loop. Steps count optimizer updates."""
 
-    epochs: float = 1.0
-    max_steps: int | None = None
-    batch_size: int = 8
-    grad_accum: int = 1
-    learning_rate: float = 2e-4
-    lr_schedule: str = "cosine"
-    warmup: float = 0.05
-    max_length: int | None = None
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    eval_every: int = 0
-    early_stopping_patience: int = 0
-    early_stopping_threshold: float = 0.0
-    gradient_checkpointing: bool = False
-    seed: int = 42
-    packing: bool = False
-    checkpoint_every: int = 50
-    keep_checkpoints: int = 2
-    sample_every: int = 0
-    sample_max_new_tokens: int = 24
-    logging_every: int = 1
+    epochs: float = setting(1.0, help="passes over the training rows (ignored when max_steps is set)",
+                            allowed=Float(0, 1000, min_open=True), widget="float")
+    max_steps: int | None = setting(None, help="total optimizer steps", allowed=Int(1, null="use epochs"),
+                                    widget="int")
+    batch_size: int = setting(8, help="rows per device per forward pass", allowed=Int(1, 4096), widget="int")
+    grad_accum: int = setting(1, allowed=Int(1, 1024), widget="int", label="grad accumulation",
+                              help="forward passes per optimizer step (effective batch = batch_size x grad_accum)")
+    learning_rate: float = setting(2e-4, help="peak learning rate",
+                                   allowed=Float(0, 1, min_open=True, note="LoRA: 1e-4 to 1e-3 is typical",
+                                                 span=(1e-6, 1e-1)), widget="log_float", step=0.1)
+    lr_schedule: str = setting("cosine", help="how the learning rate moves after the warm-up",
+                               allowed=Choice(LR_SCHEDULES), widget="choice", label="schedule")
+    warmup: float = setting(0.05, help="learning-rate warm-up at the start",
+                            allowed=Float(0, describe_as=WARMUP_ALLOWED), widget="float")
+    max_length: int | None = setting(None, help="tokens per row (longer rows are cut)",
+                                     allowed=Int(8, 131072, null="the template's"), widget="int")
+    weight_decay: float = setting(0.0, help="AdamW weight decay", allowed=Float(0, 1, max_open=True), widget="float")
+    max_grad_norm: float = setting(1.0, help="gradient clipping", allowed=Float(0, note="0: no clipping"),
+                                   widget="float")
+    eval_every: int = setting(0, help="steps between eval-loss measurements",
+                              allowed=Int(0, note="0: evaluate once, at the end"), widget="int",
+                              label="eval every (steps)")
+    early_stopping_patience: int = setting(0, help="stop after this many evaluations without improvement",
+                                           allowed=Int(0, note="0: off"), widget="int")
+    early_stopping_threshold: float = setting(0.0, help="the eval-loss improvement that counts",
+                                              allowed=Float(0), widget="float")
+    gradient_checkpointing: bool = setting(False, allowed=Flag(), widget="bool",
+                                           help="recompute activations in backward: less memory, about 30% slower")
+    seed: int = setting(42, help="the same seed gives the same run", allowed=Int(), widget="int")
+    packing: bool = setting(False, allowed=Flag(), widget="bool", label="packing (no padding)",
+                            help="each batch as one padding-free sequence (rows kept apart: no cross-row attention)")
+    group_by_length: bool = setting(False, allowed=Flag(), widget="bool", label="group by length",
+                                    help="batch rows of similar length together: less padding, a less random order")
+    checkpoint_every: int = setting(50, help="optimizer steps between resumable checkpoints", allowed=Int(1),
+                                    widget="int", label="checkpoint every")
+    keep_checkpoints: int = setting(2, help="how many checkpoints to keep", allowed=Int(1), widget="int")
+    sample_every: int = setting(0, help="steps between sample generations", allowed=Int(0, note="0: only at the end"),
+                                widget="int", label="samples every (steps)")
+    sample_max_new_tokens: int = setting(24, help="length cap of those generations (new tokens)",
+                                         allowed=Int(1, 512), widget="int")
+    logging_every: int = setting(1, help="steps between metric lines", allowed=Int(1), widget="int")
 
     def __post_init__(self):
-        _coerce_numbers(self)
-        _need(_is_num(self.epochs) and 0 < self.epochs <= 1000, "training.epochs", self.epochs,
-              "a number in (0, 1000]")
-        _need(self.max_steps is None or (_is_int(self.max_steps) and self.max_steps >= 1), "training.max_steps",
-              self.max_steps, "null (use epochs) or an integer >= 1")
-        _need(_is_int(self.batch_size) and 1 <= self.batch_size <= 4096, "training.batch_size", self.batch_size,
-              "an integer from 1 to 4096")
-        _need(_is_int(self.grad_accum) and 1 <= self.grad_accum <= 1024, "training.grad_accum", self.grad_accum,
-              "an integer from 1 to 1024")
-        _need(_is_num(self.learning_rate) and 0 < self.learning_rate <= 1, "training.learning_rate",
-              self.learning_rate, "a number in (0, 1] (LoRA: 1e-4 to 1e-3 is typical)")
-        _need(self.lr_schedule in LR_SCHEDULES, "training.lr_schedule", self.lr_schedule, ", ".join(LR_SCHEDULES))
-        _need(_is_num(self.warmup) and self.warmup >= 0 and (self.warmup < 1 or float(self.warmup).is_integer()),
-              "training.warmup", self.warmup, "a fraction of the steps in [0, 1) or a whole number of steps")
-        _need(self.max_length is None or (_is_int(self.max_length) and 8 <= self.max_length <= 131072),
-              "training.max_length", self.max_length, "null (the template's) or an integer from 8 to 131072")
-        _need(_is_num(self.weight_decay) and 0 <= self.weight_decay < 1, "training.weight_decay",
-              self.weight_decay, "a number in [0, 1)")
-        _need(_is_num(self.max_grad_norm) and self.max_grad_norm >= 0, "training.max_grad_norm",
-              self.max_grad_norm, "a number >= 0 (0: no clipping)")
-        _need(_is_int(self.eval_every) and self.eval_every >= 0, "training.eval_every", self.eval_every,
-              "an integer >= 0 (0: evaluate once, at the end)")
-        _need(_is_int(self.early_stopping_patience) and self.early_stopping_patience >= 0,
-              "training.early_stopping_patience", self.early_stopping_patience,
-              "an integer >= 0 (evaluations without improvement; 0: off)")
-        _need(_is_num(self.early_stopping_threshold) and self.early_stopping_threshold >= 0,
-              "training.early_stopping_threshold", self.early_stopping_threshold, "a number >= 0")
-        _need(isinstance(self.gradient_checkpointing, bool), "training.gradient_checkpointing",
-              self.gradient_checkpointing, "true or false")
-        _need(_is_int(self.seed), "training.seed", self.seed, "an integer")
-        _need(isinstance(self.packing, bool), "training.packing", self.packing, "true or false")
-        _need(_is_int(self.checkpoint_every) and self.checkpoint_every >= 1, "training.checkpoint_every",
-              self.checkpoint_every, "an integer >= 1 (optimizer steps between checkpoints)")
-        _need(_is_int(self.keep_checkpoints) and self.keep_checkpoints >= 1, "training.keep_checkpoints",
-              self.keep_checkpoints, "an integer >= 1")
-        _need(_is_int(self.sample_every) and self.sample_every >= 0, "training.sample_every", self.sample_every,
-              "an integer >= 0 (steps between sample generations; 0: only at the end)")
-        _need(_is_int(self.sample_max_new_tokens) and 1 <= self.sample_max_new_tokens <= 512,
-              "training.sample_max_new_tokens", self.sample_max_new_tokens, "an integer from 1 to 512")
-        _need(_is_int(self.logging_every) and self.logging_every >= 1, "training.logging_every",
-              self.logging_every, "an integer >= 1")
+        check_fields(self, "training", RunConfigError)
+        # rules between fields, or finer than a range
+        _need(self.warmup < 1 or float(self.warmup).is_integer(), "training.warmup", self.warmup, WARMUP_ALLOWED)
         if self.early_stopping_patience:
             _need(self.eval_every >= 1, "training.eval_every", self.eval_every,
                   "an integer >= 1 when training.early_stopping_patience is set (early stopping needs evaluations)")
@@ -259,19 +187,22 @@ SECTIONS = {"model": ModelConfig, "data": DataConfig, "adapter": AdapterConfig, 
 class RunConfig:
     """One run. ``template: null`` uses the teaching task's own template."""
 
-    name: str = "run"
-    store: str = "runs"
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    template: Template | None = None
-    adapter: AdapterConfig = field(default_factory=AdapterConfig)
-    training: TrainingConfig = field(default_factory=TrainingConfig)
+    name: str = setting("run", help="the run's name: its folder is <store>/<YYYYMMDD-HHMMSS>-<name>",
+                        allowed=Text("a short name without '/' (it becomes part of the run folder's name)",
+                                     max_len=64, forbid="/"), widget="text", label="run name")
+    store: str = setting("runs", help="the folder run folders are made in (a relative path: from the config's folder)",
+                         allowed=Text("a folder path"), widget="text")
+    model: ModelConfig = setting(help="which model and how to load it", default_factory=ModelConfig)
+    data: DataConfig = setting(help="the rows", default_factory=DataConfig)
+    template: Template | None = setting(None, help="null: the teaching task's template. Otherwise user_pattern, "
+                                        "answer_field, system, ...")
+    adapter: AdapterConfig = setting(help="what trains: a preset plus explicit additions/removals",
+                                     default_factory=AdapterConfig)
+    training: TrainingConfig = setting(help="the optimisation loop (a step is one optimizer update)",
+                                       default_factory=TrainingConfig)
 
     def __post_init__(self):
-        _need(isinstance(self.name, str) and bool(self.name.strip()) and "/" not in self.name and len(self.name) <= 64,
-              "name", self.name, "a short name without '/' (it becomes part of the run folder's name)")
-        _need(isinstance(self.store, str) and bool(self.store.strip()), "store", self.store,
-              "a folder path (where run folders are made)")
+        check_fields(self, "", RunConfigError)  # name and store; the sections check themselves
         for key, cls in SECTIONS.items():
             value = getattr(self, key)
             if isinstance(value, dict):
@@ -404,3 +335,40 @@ def config_diff(a: RunConfig, b: RunConfig) -> list[tuple[str, Any, Any]]:
 
     walk(a.to_dict(), b.to_dict(), "")
     return out
+
+
+# ---- the fields, for comments and knobs -------------------------------------------------------------
+def config_fields(sections: bool = False) -> Iterator[tuple[str, dataclasses.Field]]:
+    """Every setting of a run config as (dotted name, dataclass field), in YAML order.
+
+    sections=True: also the section fields (``model``, ``data``, ..., ``template``), each before its own.
+    """
+    for f in dataclasses.fields(RunConfig):
+        if f.name in SECTIONS or f.name == "template":
+            if sections:
+                yield f.name, f
+            for sub in dataclasses.fields(SECTIONS[f.name]) if f.name in SECTIONS else ():
+                yield f"{f.name}.{sub.name}", sub
+        else:
+            yield f.name, f
+
+
+def knob_spec(name: str) -> KnobSpec:
+    """The widget spec of one setting, from its declaration: ``knob_spec("training.batch_size")``
+    -> ``KnobSpec(name="training.batch_size", label="batch size", kind="int", min=1, max=4096, ...)``."""
+    fields = dict(config_fields())
+    if name not in fields:
+        raise RunConfigError(f"unknown field {name}; allowed: {', '.join(fields)}")
+    spec = knob_of(name, fields[name])
+    if spec is None:
+        raise RunConfigError(f"{name} is not a knob (a list: set it in the YAML or with with_changes)")
+    return spec
+
+
+def knob_specs(section: str = "training") -> list[KnobSpec]:
+    """The widget specs of a section's knobs, in field order ("" : the top-level name and store)."""
+    if section and section not in SECTIONS:
+        raise RunConfigError(f"unknown section {section!r}; allowed: '', {', '.join(SECTIONS)}")
+    specs = (knob_of(name, f) for name, f in config_fields()
+             if name.rpartition(".")[0] == section)
+    return [s for s in specs if s is not None]

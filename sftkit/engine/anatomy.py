@@ -1,5 +1,8 @@
 """Model anatomy by introspection: embeddings, the repeated blocks and what is inside them.
 
+``inspect_model`` reads a loaded torch model and returns the plain record
+``sftkit.core.anatomy.Anatomy`` (re-exported here with ``LinearInfo`` and ``ParamInfo``).
+
 Works from the module tree and parameter names of any causal LM (Llama/SmolLM, Qwen2,
 Mistral, GPT-2, Phi-style), full precision, 4-bit or already wrapped by peft. No table
 of model types: the blocks are the largest ModuleList of identical modules; inside a
@@ -10,101 +13,17 @@ columns, grouped as attention or MLP by their path; norms are found by class nam
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from ..core.anatomy import Anatomy, LinearInfo, ParamInfo, anatomy_numbers
+
+__all__ = ["Anatomy", "LinearInfo", "ParamInfo", "anatomy_numbers", "base_model_of", "find_blocks", "inspect_model",
+           "logical_numel", "weights_format"]
+
 _PEFT_INNER = (".base_layer", ".lora_", ".lora_dropout", ".lora_magnitude", ".modules_to_save", ".original_module",
                ".lora_embedding")
-
-
-@dataclass(frozen=True)
-class LinearInfo:
-    name: str  # full module name (relative to the base model)
-    block: int | None
-    column: str  # path inside the block, e.g. "self_attn.q_proj"
-    kind: str  # "attention" | "mlp" | "other"
-    in_features: int
-    out_features: int
-    n_params: int
-    quantized: bool
-    conv1d: bool = False  # GPT-2 style Conv1D: weight stored (in, out)
-
-
-@dataclass(frozen=True)
-class ParamInfo:
-    name: str  # parameter name relative to the base model
-    module: str
-    numel: int  # logical count (4-bit weights counted unpacked)
-    nbytes: int  # bytes as stored now
-    block: int | None
-    column: str | None  # module path inside its block
-    kind: str  # "attention" | "mlp" | "norm" | "embedding" | "head" | "other"
-    is_bias: bool
-    quantized: bool
-
-
-@dataclass
-class Anatomy:
-    model_type: str
-    block_path: str  # e.g. "model.layers"
-    n_blocks: int
-    attention_columns: list[str]
-    mlp_columns: list[str]
-    other_columns: list[str]
-    norm_columns: list[str]  # norm module paths inside a block
-    linear: dict[tuple[int, str], LinearInfo]
-    params: dict[str, ParamInfo]
-    embedding_modules: list[str]
-    head_module: str | None
-    tied: bool
-    final_norms: list[str]
-    hidden_size: int
-    intermediate_size: int
-    vocab_size: int
-    n_heads: int
-    n_kv_heads: int
-    module_params: dict[str, list[str]] = field(default_factory=dict)
-
-    @property
-    def layers_pattern(self) -> str:
-        return self.block_path.rsplit(".", 1)[-1]
-
-    @property
-    def linear_columns(self) -> list[str]:
-        return self.attention_columns + self.mlp_columns + self.other_columns
-
-    @property
-    def total_params(self) -> int:
-        return sum(p.numel for p in self.params.values())
-
-    def linear_by_name(self, name: str) -> LinearInfo:
-        if not hasattr(self, "_by_name"):
-            self._by_name = {li.name: li for li in self.linear.values()}
-        return self._by_name[name]
-
-    def module_name(self, block: int, column: str) -> str:
-        return f"{self.block_path}.{block}.{column}"
-
-    def params_of_module(self, module: str) -> list[str]:
-        return self.module_params.get(module, [])
-
-    def column_kind(self, column: str) -> str:
-        if column in self.attention_columns:
-            return "attention"
-        if column in self.mlp_columns:
-            return "mlp"
-        if column in self.norm_columns:
-            return "norm"
-        return "other"
-
-    def describe(self) -> str:
-        return (f"{self.model_type}: {self.n_blocks} blocks under {self.block_path}; attention "
-                f"{', '.join(self.attention_columns)}; MLP {', '.join(self.mlp_columns)}; norms "
-                f"{', '.join(self.norm_columns)}; embeddings {', '.join(self.embedding_modules)}; head "
-                f"{self.head_module}{' (tied to the embeddings)' if self.tied else ''}; "
-                f"{self.total_params / 1e6:.1f}M parameters")
 
 
 def base_model_of(model) -> nn.Module:
@@ -112,6 +31,15 @@ def base_model_of(model) -> nn.Module:
     if hasattr(model, "get_base_model"):
         return model.get_base_model()
     return model
+
+
+def weights_format(model, anatomy: Anatomy | None = None) -> str:
+    """How the model's weights are stored, in ``core.memory.WEIGHT_FORMATS`` terms."""
+    anatomy = anatomy or inspect_model(model)
+    if any(li.quantized for li in anatomy.linear.values()):
+        return "4bit" if any(getattr(q, "quant_state", None) is not None for q in model.parameters()) else "8bit"
+    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    return dtype if dtype in ("float32", "bfloat16", "float16") else "float32"
 
 
 def _is_linear(mod: nn.Module) -> bool:
@@ -180,6 +108,40 @@ def inspect_model(model) -> Anatomy:
     base = base_model_of(model)
     block_path, blocks = find_blocks(base)
     modules = dict(base.named_modules())
+    emb_names, head_name, tied = _embeddings_and_head(base, modules, block_path)
+    columns, linear = _block_modules(modules, block_path)
+    final_norms = [n for n, m in modules.items()
+                   if "norm" in type(m).__name__.lower() and not n.startswith(block_path + ".")
+                   and not any(t in n for t in _PEFT_INNER)]
+    params, module_params = _params(base, block_path, columns["norm"], emb_names, head_name, final_norms)
+    cfg = base.config
+    hidden = _config_int(cfg, "hidden_size", "n_embd", "d_model")
+    heads = _config_int(cfg, "num_attention_heads", "n_head")
+    return Anatomy(
+        model_type=getattr(cfg, "model_type", type(base).__name__),
+        block_path=block_path,
+        n_blocks=len(blocks),
+        attention_columns=columns["attention"],
+        mlp_columns=columns["mlp"],
+        other_columns=columns["other"],
+        norm_columns=columns["norm"],
+        linear=linear,
+        params=params,
+        embedding_modules=emb_names,
+        head_module=head_name,
+        tied=tied,
+        final_norms=final_norms,
+        hidden_size=hidden,
+        intermediate_size=_config_int(cfg, "intermediate_size", "n_inner", "ffn_dim", default=4 * hidden),
+        vocab_size=_config_int(cfg, "vocab_size"),
+        n_heads=heads,
+        n_kv_heads=_config_int(cfg, "num_key_value_heads", default=heads),
+        module_params=module_params,
+    )
+
+
+def _embeddings_and_head(base: nn.Module, modules: dict, block_path: str) -> tuple[list[str], str | None, bool]:
+    """Embedding module names, the output head's name and whether the head is the embedding matrix."""
     in_emb = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
     out_emb = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     # a peft modules_to_save wrapper stands where the head was
@@ -199,37 +161,41 @@ def inspect_model(model) -> Anatomy:
         tied = w_out is not None and w_out is getattr(in_emb, "weight", None)
         tied = tied or bool(getattr(base.config, "tie_word_embeddings", False) and head_name and
                             not any(n.startswith(head_name + ".") for n, _ in base.named_parameters()))
+    return emb_names, head_name, tied
 
-    attention, mlp, other, norms = [], [], [], []
+
+def _block_modules(modules: dict, block_path: str) -> tuple[dict[str, list[str]], dict[tuple[int, str], LinearInfo]]:
+    """The columns inside a block by kind ("attention", "mlp", "other", "norm") and every block's linears."""
+    columns: dict[str, list[str]] = {"attention": [], "mlp": [], "other": [], "norm": []}
     linear: dict[tuple[int, str], LinearInfo] = {}
     for name, mod in modules.items():
         if not name.startswith(block_path + ".") or any(t in name for t in _PEFT_INNER):
             continue
-        rest = name[len(block_path) + 1:]
-        idx, _, column = rest.partition(".")
+        idx, _, column = name[len(block_path) + 1:].partition(".")
         if not column or not idx.isdigit():
             continue
-        block = int(idx)
-        if _is_linear(mod) or (hasattr(mod, "base_layer") and _is_linear(mod.base_layer)):
+        inner = mod.base_layer if hasattr(mod, "base_layer") else mod
+        if _is_linear(mod) or (inner is not mod and _is_linear(inner)):
             fin, fout = _linear_shape(mod)
-            w = (mod.base_layer if hasattr(mod, "base_layer") else mod).weight
+            w = inner.weight
             kind = _kind_from_path(column)
-            bucket = {"attention": attention, "mlp": mlp}.get(kind, other)
+            bucket = columns[kind]
             if column not in bucket:
                 bucket.append(column)
-            bias = getattr(mod.base_layer if hasattr(mod, "base_layer") else mod, "bias", None)
-            inner = mod.base_layer if hasattr(mod, "base_layer") else mod
-            linear[(block, column)] = LinearInfo(
-                name, block, column, kind, fin, fout,
+            bias = getattr(inner, "bias", None)
+            linear[(int(idx), column)] = LinearInfo(
+                name, int(idx), column, kind, fin, fout,
                 logical_numel(w) + (bias.numel() if bias is not None else 0),
                 quantized=getattr(w, "quant_state", None) is not None or w.dtype in (torch.uint8, torch.int8),
                 conv1d=type(inner).__name__ == "Conv1D")
-        elif "norm" in type(mod).__name__.lower() and column not in norms:
-            norms.append(column)
-    final_norms = [n for n, m in modules.items()
-                   if "norm" in type(m).__name__.lower() and not n.startswith(block_path + ".")
-                   and not any(t in n for t in _PEFT_INNER)]
+        elif "norm" in type(mod).__name__.lower() and column not in columns["norm"]:
+            columns["norm"].append(column)
+    return columns, linear
 
+
+def _params(base: nn.Module, block_path: str, norms: list[str], emb_names: list[str], head_name: str | None,
+            final_norms: list[str]) -> tuple[dict[str, ParamInfo], dict[str, list[str]]]:
+    """Every base-model parameter (adapter parameters left out) and the parameter names of each module."""
     params: dict[str, ParamInfo] = {}
     module_params: dict[str, list[str]] = {}
     for raw, p in base.named_parameters():
@@ -243,10 +209,7 @@ def inspect_model(model) -> Anatomy:
             if idx.isdigit():
                 block, column = int(idx), rest.rpartition(".")[0]
         if block is not None:
-            if column in norms:
-                kind = "norm"
-            else:
-                kind = _kind_from_path(column)
+            kind = "norm" if column in norms else _kind_from_path(column)
         elif module in emb_names:
             kind = "embedding"
         elif module == head_name:
@@ -260,28 +223,4 @@ def inspect_model(model) -> Anatomy:
             block=block, column=column, kind=kind, is_bias=leaf == "bias",
             quantized=getattr(p, "quant_state", None) is not None)
         module_params.setdefault(module, []).append(name)
-
-    cfg = base.config
-    hidden = _config_int(cfg, "hidden_size", "n_embd", "d_model")
-    heads = _config_int(cfg, "num_attention_heads", "n_head")
-    return Anatomy(
-        model_type=getattr(cfg, "model_type", type(base).__name__),
-        block_path=block_path,
-        n_blocks=len(blocks),
-        attention_columns=attention,
-        mlp_columns=mlp,
-        other_columns=other,
-        norm_columns=norms,
-        linear=linear,
-        params=params,
-        embedding_modules=emb_names,
-        head_module=head_name,
-        tied=tied,
-        final_norms=final_norms,
-        hidden_size=hidden,
-        intermediate_size=_config_int(cfg, "intermediate_size", "n_inner", "ffn_dim", default=4 * hidden),
-        vocab_size=_config_int(cfg, "vocab_size"),
-        n_heads=heads,
-        n_kv_heads=_config_int(cfg, "num_key_value_heads", default=heads),
-        module_params=module_params,
-    )
+    return params, module_params

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 
 from ..core.atomic import write_text_atomic
 from ..core.errors import ConfigError
@@ -42,62 +42,17 @@ OOM_ADVICE = ("lower training.batch_size (raise training.grad_accum to keep the 
 
 # ---- builders: config -> library objects ------------------------------------------------------
 def build_plan(adapter: AdapterConfig, anatomy):
-    """The FreezePlan a config's adapter section describes (names checked against the model)."""
-    from .freeze import FreezePlan, PlanError
+    """The FreezePlan a config's adapter section describes (names checked against the model);
+    ``FreezePlan.from_adapter`` of ``sftkit.engine.freeze``, which can be applied to the model."""
+    from .freeze import FreezePlan
 
-    settings = dict(rank=adapter.rank, alpha=adapter.alpha, dropout=adapter.dropout)
-    if adapter.preset == "none":
-        plan = FreezePlan(**settings)
-    else:
-        plan = FreezePlan.preset(adapter.preset, anatomy, top_n=adapter.top_n, embeddings=adapter.embeddings,
-                                 head=adapter.head, **settings)
-    linear = {li.name for li in anatomy.linear.values()}
-    for field_name, names, known in (("add_lora", adapter.add_lora, linear), ("remove_lora", adapter.remove_lora, linear),
-                                     ("add_train", adapter.add_train, set(anatomy.params)),
-                                     ("remove_train", adapter.remove_train, set(anatomy.params))):
-        bad = [n for n in names if n not in known]
-        if bad:
-            example = sorted(known)[:3]
-            raise PlanError(f"adapter.{field_name}: {', '.join(bad[:5])} not in this model; names look like "
-                            f"{', '.join(example)}")
-    label = plan.label
-    plan = (plan | FreezePlan(lora_modules=frozenset(adapter.add_lora), train_params=frozenset(adapter.add_train))) - \
-        FreezePlan(lora_modules=frozenset(adapter.remove_lora), train_params=frozenset(adapter.remove_train))
-    edited = adapter.add_lora or adapter.remove_lora or adapter.add_train or adapter.remove_train
-    plan = plan.with_settings(label=label + (" (edited)" if edited else ""))
-    if not plan.lora_modules and not plan.train_params:
-        raise PlanError("the adapter section trains nothing: pick a preset or add modules (adapter.add_lora)")
-    return plan
+    return FreezePlan.from_adapter(adapter, anatomy)
 
 
 def adapter_config_from_plan(plan, anatomy) -> AdapterConfig:
-    """Express a FreezePlan as the preset it is closest to plus additions/removals, so a plan
-    made in the notebook exports to readable, portable YAML and builds back to the same sets."""
-    from .freeze import FreezePlan, PlanError
-
-    settings = dict(rank=plan.rank, alpha=plan.alpha, dropout=plan.dropout)
-    candidates = [AdapterConfig(preset="none", **settings)]
-    for preset in ("lora_attention", "lora_all_linear", "bitfit"):
-        candidates.append(AdapterConfig(preset=preset, **settings))
-    for preset in ("lora_top_blocks", "freeze_tuning"):
-        for top_n in range(1, anatomy.n_blocks + 1):
-            candidates.append(AdapterConfig(preset=preset, top_n=top_n, **settings))
-    best = None
-    for cand in candidates:
-        try:
-            base = FreezePlan(**settings) if cand.preset == "none" else FreezePlan.preset(
-                cand.preset, anatomy, top_n=cand.top_n)
-        except PlanError:
-            continue
-        section = dataclasses.replace(
-            cand, add_lora=sorted(plan.lora_modules - base.lora_modules),
-            remove_lora=sorted(base.lora_modules - plan.lora_modules),
-            add_train=sorted(plan.train_params - base.train_params),
-            remove_train=sorted(base.train_params - plan.train_params))
-        size = sum(len(getattr(section, f)) for f in ("add_lora", "remove_lora", "add_train", "remove_train"))
-        if best is None or size < best[0]:
-            best = (size, section)
-    return best[1]
+    """A FreezePlan as the adapter section: the preset it started from plus additions/removals
+    (``plan.to_adapter``, in ``sftkit.core.plan``)."""
+    return plan.to_adapter(anatomy)
 
 
 def build_examples(template: Template, rows: list[dict], tokenizer) -> list[dict]:
@@ -132,6 +87,10 @@ def build_training_arguments(cfg: RunConfig, output_dir: str | Path, *, device: 
 
     t = cfg.training
     early = t.early_stopping_patience > 0
+    # length-grouped batches: a sampling strategy in newer transformers, a flag in older ones
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    grouping = ({"train_sampling_strategy": "group_by_length"} if "train_sampling_strategy" in names
+                else {"group_by_length": True}) if t.group_by_length else {}
     return TrainingArguments(
         output_dir=str(output_dir),
         per_device_train_batch_size=t.batch_size,
@@ -157,6 +116,7 @@ def build_training_arguments(cfg: RunConfig, output_dir: str | Path, *, device: 
         seed=t.seed,
         data_seed=t.seed,
         **_checkpointing_args(TrainingArguments, t.gradient_checkpointing),
+        **grouping,
         bf16=device == "cuda" and compute_dtype == "bfloat16",
         fp16=device == "cuda" and compute_dtype == "float16",
         use_cpu=device == "cpu",
@@ -168,6 +128,19 @@ def build_training_arguments(cfg: RunConfig, output_dir: str | Path, *, device: 
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,
     )
+
+
+class GuardedTrainer(Trainer):
+    """``transformers.Trainer`` that hands every micro-step's loss to a guard, so a non-finite loss
+    is seen at the step it happens, not at the next logging step."""
+
+    loss_guard = None
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.loss_guard is not None:
+            self.loss_guard(loss)
+        return loss
 
 
 # ---- the recorder ------------------------------------------------------------------------------
@@ -186,11 +159,24 @@ def _finite(x) -> bool:
 
 
 def _all_finite(tensors) -> bool:
-    """One check for many tensors (a single device sync)."""
+    """Whether every value of many tensors is finite, with one norm kernel and one sync where the
+    tensors allow it (a finite fp32 norm means finite values; fp16 ones are checked value by value,
+    since their norm overflows long before their values do)."""
     import torch
 
-    flags = [torch.isfinite(t).all() for t in tensors if t is not None]
-    return bool(torch.stack(flags).all()) if flags else True
+    ts = [t.detach() for t in tensors if t is not None]
+    if not ts:
+        return True
+    wide = [t for t in ts if t.dtype in (torch.float32, torch.float64, torch.bfloat16)]
+    narrow = [t for t in ts if t.dtype not in (torch.float32, torch.float64, torch.bfloat16)]
+    ok = True
+    if wide:
+        try:
+            norms = torch._foreach_norm(wide)
+            ok = bool(torch.isfinite(torch.stack([n.float().to(norms[0].device) for n in norms])).all())
+        except (RuntimeError, TypeError, AttributeError):
+            ok = all(bool(torch.isfinite(t).all()) for t in wide)
+    return ok and all(bool(torch.isfinite(t).all()) for t in narrow)
 
 
 def _keep_4bit_layers_in_train_mode(model) -> int:
@@ -259,6 +245,10 @@ class RunRecorder(TrainerCallback):
         self._last_tokens = 0
         self._last_step = 0
         self._nan_step = int(os.environ.get("SFTKIT_FAULT_NAN_AT_STEP", "0") or 0)  # fault injection for tests
+        # fault injection: only this rank sees a Stop at this step ("RANK@STEP"); the ranks must agree
+        rank, _, at = os.environ.get("SFTKIT_FAULT_STOP_RANK", "").partition("@")
+        self._lone_stop = (int(rank), int(at)) if at else None
+        self._rank = int(os.environ.get("RANK", "0"))
         self.stop_signal = stop_signal if stop_signal is not None else {}
         self.sampled_at: int | None = None
         self._trainable: list | None = None
@@ -285,9 +275,18 @@ class RunRecorder(TrainerCallback):
                         p.fill_(float("nan"))
                         break
 
+    def check_loss(self, loss) -> None:
+        """Called by the trainer with every micro-step's loss (a NaN between logging steps is seen)."""
+        import torch
+
+        if self._bad is None and loss is not None and not bool(torch.isfinite(loss).all()):
+            self._bad = "the loss"
+
     def on_pre_optimizer_step(self, args, state, control, **kw):
+        if args.fp16:
+            return  # a loss scaler's overflow skips the step and lowers the scale: not a failure
         if self._bad is None and self._trainable and not _all_finite(p.grad for p in self._trainable):
-            self._bad = "the loss or its gradient"
+            self._bad = "the gradient"
 
     def on_optimizer_step(self, args, state, control, **kw):
         if self._bad is None and self._trainable and not _all_finite(self._trainable):
@@ -347,7 +346,8 @@ class RunRecorder(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kw):
         step = state.global_step
-        stop = self.run.stop_requested() or bool(self.stop_signal.get("set"))
+        stop = self.run.stop_requested() or bool(self.stop_signal.get("set")) or \
+            self._lone_stop == (self._rank, step)
         stop, bad = self._agree(stop, self._bad is not None)
         if bad:
             self._fail(self._bad or "a value on another process", step, control)
@@ -366,6 +366,10 @@ class RunRecorder(TrainerCallback):
 
     def on_save(self, args, state, control, **kw):
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if self.world > 1:  # every rank has written its part (its RNG state) before rank 0 marks it
+            import torch.distributed as dist
+
+            dist.barrier()
         if not self.is_main or not folder.is_dir() or self.failure:
             return
         fault_point("checkpoint_saved", state.global_step)
@@ -472,7 +476,8 @@ def _lock_devices(device: str, world: int, local_rank: int, run: RunFolder) -> D
 
 
 def run_training(cfg: RunConfig, run: RunFolder | None = None, *, resume: bool = False,
-                 allow_changed_data: bool = False, opened: OpenRun | None = None) -> RunResult:
+                 allow_changed_data: bool = False, max_steps: int | None = None,
+                 opened: OpenRun | None = None) -> RunResult:
     """Train ``cfg`` into ``run`` (a fresh folder from the config's store when None).
 
     resume: continue ``run`` from its last complete checkpoint.
@@ -485,8 +490,11 @@ def run_training(cfg: RunConfig, run: RunFolder | None = None, *, resume: bool =
     world, rank, local_rank = _dist()
     is_main = rank == 0
     if is_main and opened is None:
-        opened = open_run(cfg, run, resume=resume, allow_changed_data=allow_changed_data)
-    run = opened.run if opened is not None else run
+        opened = open_run(cfg, run, resume=resume, allow_changed_data=allow_changed_data, max_steps=max_steps)
+    if opened is not None:
+        run, cfg = opened.run, opened.cfg
+    elif max_steps is not None:  # the other ranks apply the same change rank 0 saved
+        cfg = cfg.with_changes(training={"max_steps": max_steps})
     writer = opened.writer if opened is not None else None
     lock: DeviceLock | None = None
     stop_signal = {"set": False}
@@ -512,10 +520,7 @@ def run_training(cfg: RunConfig, run: RunFolder | None = None, *, resume: bool =
     except Exception as exc:  # every failure ends as a state with a message in the run folder
         message = _failure_message(exc)
         if writer is not None:
-            with open(run.log_path, "a", encoding="utf-8") as fh:
-                fh.write(traceback.format_exc())
-            writer.status(RunState.FAILED, message=message, ended_at=datetime.now().isoformat(timespec="seconds"))
-            writer.event("failed", message=message)
+            _record_failure(run, writer, message)
         if isinstance(exc, (ConfigError, RunStateError)) or _is_oom(exc):
             return RunResult("failed", message, run)
         raise
@@ -524,6 +529,19 @@ def run_training(cfg: RunConfig, run: RunFolder | None = None, *, resume: bool =
             lock.release()
         if opened is not None:
             opened.close()
+
+
+def _record_failure(run: RunFolder, writer: RunWriter, message: str) -> None:
+    """The run ends as failed with ``message`` (unless it already ended: then only the log says so).
+    A failure to record (a full disk) must not hide the error being recorded."""
+    try:
+        with open(run.log_path, "a", encoding="utf-8") as fh:
+            fh.write(traceback.format_exc())
+        if writer.current.state is None or writer.current.state.active:
+            writer.status(RunState.FAILED, message=message, ended_at=datetime.now().isoformat(timespec="seconds"))
+            writer.event("failed", message=message)
+    except Exception:  # noqa: BLE001 - the original error is re-raised or returned by the caller
+        pass
 
 
 def _process_start_time() -> float:
@@ -565,7 +583,7 @@ def _train(cfg: RunConfig, run: RunFolder | None, writer: RunWriter | None, rows
     if rows is None:
         rows = run_rows(cfg)  # errors here name the row/field, before the model loads
 
-    from transformers import EarlyStoppingCallback, Trainer, set_seed
+    from transformers import EarlyStoppingCallback, set_seed
 
     from .anatomy import inspect_model
     from .models import load_model
@@ -601,9 +619,10 @@ def _train(cfg: RunConfig, run: RunFolder | None, writer: RunWriter | None, rows
     if cfg.training.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(cfg.training.early_stopping_patience,
                                                cfg.training.early_stopping_threshold))
-    trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                      data_collator=build_collator(tokenizer, cfg.training.packing), processing_class=tokenizer,
-                      callbacks=callbacks)
+    trainer = GuardedTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+                             data_collator=build_collator(tokenizer, cfg.training.packing), processing_class=tokenizer,
+                             callbacks=callbacks)
+    trainer.loss_guard = recorder.check_loss
 
     checkpoint = None
     if resume:
@@ -639,8 +658,9 @@ def _train(cfg: RunConfig, run: RunFolder | None, writer: RunWriter | None, rows
         return RunResult("failed", recorder.failure, run)
 
     final_eval = None
-    evals = [m for m in run.metrics() if "eval_loss" in m]
-    if evals and evals[-1]["step"] == step:
+    # decided from the trainer's own log (the same on every rank: they all evaluate, or none does)
+    evals = [h for h in trainer.state.log_history if "eval_loss" in h]
+    if evals and evals[-1].get("step") == step:
         final_eval = evals[-1]["eval_loss"]
     elif eval_set and not recorder.stopped:
         final_eval = trainer.evaluate().get("eval_loss")

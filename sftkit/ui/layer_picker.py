@@ -1,6 +1,7 @@
 """LayerPicker: the model as a grid of blocks x modules; click to choose what trains.
 
-A thin view over ``sftkit.engine.anatomy`` and ``sftkit.engine.freeze.FreezePlan``.
+Wiring only: the controls are bound to a ``sftkit.state.plan_editor.PlanEditor`` (the plan, the
+toggles, the counters, the estimate and whether it fits) and redraw when it changes.
 """
 
 from __future__ import annotations
@@ -9,8 +10,9 @@ import html
 
 import ipywidgets as W
 
-from ..engine.anatomy import Anatomy, inspect_model
-from ..engine.freeze import PRESETS, FreezePlan, PlanError
+from ..core.plan import PRESETS
+from ..engine.freeze import FreezePlan
+from ..state.plan_editor import GROUPS, PLAN, PlanEditor
 
 COLOURS = {"off": "#e5e7eb", "lora": "#86efac", "full": "#fdba74"}
 HELP = """
@@ -31,20 +33,8 @@ memory and time. <b>Freeze tuning</b> trains those blocks fully. <b>BitFit</b> t
 """
 
 
-def _size(n: int) -> str:
-    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:,.0f} MiB"
-
-
 def _short(n: int) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}k"
-
-
-def _weights_format(anatomy: Anatomy, model) -> str:
-    if any(li.quantized for li in anatomy.linear.values()):
-        return "4bit" if any(getattr(q, "quant_state", None) is not None
-                             for q in model.parameters()) else "8bit"
-    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
-    return dtype if dtype in ("float32", "bfloat16", "float16") else "float32"
 
 
 class LayerPicker:
@@ -58,207 +48,135 @@ class LayerPicker:
     def __init__(self, model, plan: FreezePlan | None = None, *, device_bytes: int | None = None,
                  batch_size: int = 8, seq_len: int = 256):
         self.model = model
-        self.anatomy = inspect_model(model)
-        a = self.anatomy
-        self.weights_format = _weights_format(a, model)
-        if device_bytes is None:
-            from ..engine.hardware import probe_hardware
-
-            facts = probe_hardware()
-            device_bytes = facts.cuda_free_bytes if facts.cuda_available else facts.ram_total_bytes
-            self.device_name = facts.cuda_name if facts.cuda_available else "RAM"
-        else:
-            self.device_name = "device"
-        self.device_bytes = device_bytes
-        self._plan = plan or FreezePlan.preset("lora_attention", a)
-        self.error: str | None = None
-        self.estimate = None
-
-        self.preset = W.Dropdown(options=list(PRESETS), value="lora_attention", description="Preset")
-        self.top_n = W.BoundedIntText(value=a.n_blocks, min=1, max=a.n_blocks, description="Top N blocks",
+        self.editor = ed = PlanEditor.for_model(model, plan, device_bytes=device_bytes, batch_size=batch_size,
+                                                seq_len=seq_len)
+        a, small = ed.anatomy, dict(layout=W.Layout(width="160px"))
+        self.preset = W.Dropdown(options=list(PRESETS), description="Preset")
+        self.top_n = W.BoundedIntText(min=1, max=a.n_blocks, description="Top N blocks",
                                       style={"description_width": "initial"}, layout=W.Layout(width="180px"))
         self.apply_preset_button = W.Button(description="Apply preset", icon="magic", layout=W.Layout(width="auto"))
-        self.click_sets = W.ToggleButtons(options=[("LoRA", "lora"), ("Full", "full")], value="lora",
-                                          description="Click sets", tooltips=["add a LoRA adapter", "train the weights"])
-        self.rank = W.BoundedIntText(value=self._plan.rank, min=1, max=1024, description="Rank r",
-                                     layout=W.Layout(width="160px"))
-        self.alpha = W.BoundedFloatText(value=self._plan.alpha, min=0.001, max=4096, description="Alpha",
-                                        layout=W.Layout(width="160px"))
-        self.dropout = W.BoundedFloatText(value=self._plan.dropout, min=0, max=0.99, step=0.01, description="Dropout",
-                                          layout=W.Layout(width="160px"))
+        self.click_sets = W.ToggleButtons(options=[("LoRA", "lora"), ("Full", "full")], description="Click sets",
+                                          tooltips=["add a LoRA adapter", "train the weights"])
+        self.rank = W.BoundedIntText(min=1, max=1024, description="Rank r", **small)
+        self.alpha = W.BoundedFloatText(min=0.001, max=4096, description="Alpha", **small)
+        self.dropout = W.BoundedFloatText(min=0, max=0.99, step=0.01, description="Dropout", **small)
         self.embeddings = W.ToggleButton(description="Embeddings", tooltip="train the input token vectors")
-        self.head = W.ToggleButton(description="Head" + (" (tied)" if a.tied else ""),
-                                   tooltip="train the output layer" + (" (the same matrix as the embeddings)"
-                                                                      if a.tied else ""))
+        self.head = W.ToggleButton(description="Head" + (" (tied)" if a.tied else ""), tooltip="train the output layer"
+                                   + (" (the same matrix as the embeddings)" if a.tied else ""))
         self.biases = W.ToggleButton(description="All biases", disabled=not any(p.is_bias for p in a.params.values()),
                                      tooltip="train every bias (part of BitFit)")
-        self.batch_size = W.BoundedIntText(value=batch_size, min=1, max=4096, description="Batch",
-                                           layout=W.Layout(width="150px"))
-        self.seq_len = W.BoundedIntText(value=seq_len, min=8, max=131072, description="Seq len",
-                                        layout=W.Layout(width="170px"))
-        self.checkpointing = W.Checkbox(value=False, description="Gradient checkpointing", indent=False)
-        self.counters = W.HTML()
-        self.messages = W.HTML()
+        self.batch_size = W.BoundedIntText(min=1, max=4096, description="Batch", layout=W.Layout(width="150px"))
+        self.seq_len = W.BoundedIntText(min=8, max=131072, description="Seq len", layout=W.Layout(width="170px"))
+        self.checkpointing = W.Checkbox(description="Gradient checkpointing", indent=False)
+        self.counters, self.messages = W.HTML(), W.HTML()
+        self._sync_controls()
+        self.grid = self._build_grid()
 
-        self.cells: dict[tuple[int, str], W.Button] = {}
-        columns = a.linear_columns + a.norm_columns
-        header = [W.Label("block", layout=W.Layout(width="48px"))] + [
-            W.HTML(f'<div style="width:86px;font-size:11px;text-align:center" title="{html.escape(c)} '
-                   f'({a.column_kind(c)})">{html.escape(c.split(".")[-1])}<br>'
-                   f'<span style="color:#6b7280">{a.column_kind(c)}</span></div>') for c in columns]
-        no_shrink = dict(flex="0 0 auto", min_height="26px")  # rows keep their height in the scroll box
-        rows = [W.HBox(header, layout=W.Layout(flex="0 0 auto"))]
-        for b in range(a.n_blocks):
-            row = [W.Label(str(b), layout=W.Layout(width="48px"))]
-            for c in columns:
-                btn = W.Button(layout=W.Layout(width="86px", height="24px", margin="1px"))
-                btn.on_click(lambda _, b=b, c=c: self.toggle(b, c))
-                self.cells[(b, c)] = btn
-                row.append(btn)
-            rows.append(W.HBox(row, layout=W.Layout(**no_shrink)))
-        self.grid = W.VBox(rows, layout=W.Layout(max_height="420px", overflow_y="auto"))
-
+        # each control sets one piece of the editor's state; the editor's changes redraw (_redraw)
+        setters = {
+            "preset": lambda v: ed.select(preset=v), "top_n": lambda v: ed.select(top_n=v),
+            "click_sets": lambda v: ed.select(click_sets=v), "rank": lambda v: ed.set_settings(rank=int(v)),
+            "alpha": lambda v: ed.set_settings(alpha=float(v)), "dropout": lambda v: ed.set_settings(dropout=float(v)),
+            "batch_size": lambda v: ed.set_budget(batch_size=v), "seq_len": lambda v: ed.set_budget(seq_len=v),
+            "checkpointing": lambda v: ed.set_budget(gradient_checkpointing=v),
+            **{g: (lambda v, g=g: ed.set_group(g, v)) for g in GROUPS}}
+        for name, setter in setters.items():
+            getattr(self, name).observe(lambda ch, f=setter: f(ch["new"]), names="value")
         self.apply_preset_button.on_click(lambda _: self.apply_preset())
-        for w in (self.rank, self.alpha, self.dropout):
-            w.observe(lambda _: self._settings_changed(), names="value")
-        self.embeddings.observe(lambda ch: self._toggle_group(FreezePlan.embeddings(a), ch["new"]), names="value")
-        self.head.observe(lambda ch: self._toggle_group(FreezePlan.head(a), ch["new"]), names="value")
-        self.biases.observe(lambda ch: self._toggle_group(self._bias_plan(), ch["new"]), names="value")
-        for w in (self.batch_size, self.seq_len, self.checkpointing):
-            w.observe(lambda _: self.refresh(), names="value")
+        ed.on_change(self._redraw)
 
         self.widget = W.VBox([
             W.HTML(f"<b>Layer picker</b>: {html.escape(a.describe())}"),
             W.HBox([self.preset, self.top_n, self.apply_preset_button]),
             W.HBox([self.click_sets, self.rank, self.alpha, self.dropout]),
             W.HBox([self.embeddings, self.head, self.biases]),
-            W.HTML(f'<span style="background:{COLOURS["lora"]};padding:0 4px">LoRA</span> '
-                   f'<span style="background:{COLOURS["full"]};padding:0 4px">full</span> '
-                   f'<span style="background:{COLOURS["off"]};padding:0 4px">frozen</span> '
-                   "&middot; cell label: L = LoRA, F = full, then the module's parameter count"),
+            W.HTML(" ".join(f'<span style="background:{COLOURS[k]};padding:0 4px">{name}</span>' for k, name in
+                            (("lora", "LoRA"), ("full", "full"), ("off", "frozen")))
+                   + " &middot; cell label: L = LoRA, F = full, then the module's parameter count"),
             self.grid,
             W.HBox([self.batch_size, self.seq_len, self.checkpointing]),
             self.counters, self.messages, W.HTML(HELP),
         ])
         self.refresh()
 
+    def _build_grid(self) -> W.VBox:
+        a = self.anatomy
+        header = [W.Label("block", layout=W.Layout(width="48px"))] + [
+            W.HTML(f'<div style="width:86px;font-size:11px;text-align:center" title="{html.escape(c)} '
+                   f'({a.column_kind(c)})">{html.escape(c.split(".")[-1])}<br>'
+                   f'<span style="color:#6b7280">{a.column_kind(c)}</span></div>') for c in self.editor.columns]
+        rows = [W.HBox(header, layout=W.Layout(flex="0 0 auto"))]
+        self.cells: dict[tuple[int, str], W.Button] = {}
+        for b in range(a.n_blocks):
+            row = [W.Label(str(b), layout=W.Layout(width="48px"))]
+            for c in self.editor.columns:
+                self.cells[(b, c)] = btn = W.Button(layout=W.Layout(width="86px", height="24px", margin="1px"))
+                btn.on_click(lambda _, b=b, c=c: self.toggle(b, c))
+                row.append(btn)
+            rows.append(W.HBox(row, layout=W.Layout(flex="0 0 auto", min_height="26px")))  # rows keep their height
+        return W.VBox(rows, layout=W.Layout(max_height="420px", overflow_y="auto"))
+
     def _ipython_display_(self):
         from IPython.display import display
 
         display(self.widget)
 
-    # ---- the plan -------------------------------------------------------------------
-    @property
-    def plan(self) -> FreezePlan:
-        """The current FreezePlan: what the run launcher uses."""
-        return self._plan
+    # ---- the editor's state, as the picker's ------------------------------------------------
+    plan = property(lambda self: self.editor.plan, doc="The current FreezePlan: what the run launcher uses.")
+    anatomy = property(lambda self: self.editor.anatomy)
+    error = property(lambda self: self.editor.error)
+    estimate = property(lambda self: self.editor.estimate)
+    trainable = property(lambda self: self.editor.trainable)
+    weights_format = property(lambda self: self.editor.weights)
+    device_bytes = property(lambda self: self.editor.device_bytes)
+    device_name = property(lambda self: self.editor.device_name)
 
     def set_plan(self, plan: FreezePlan) -> None:
-        self._plan = plan
-        self.refresh()
+        self.editor.set_plan(plan)
 
     def apply_preset(self, name: str | None = None, top_n: int | None = None) -> None:
-        name = name or self.preset.value
-        top = top_n if top_n is not None else self.top_n.value
-        top = None if (top == self.anatomy.n_blocks and name not in ("lora_top_blocks", "freeze_tuning")) else top
-        try:
-            plan = FreezePlan.preset(name, self.anatomy, top_n=top, embeddings=self.embeddings.value,
-                                     head=self.head.value, rank=int(self.rank.value), alpha=float(self.alpha.value),
-                                     dropout=float(self.dropout.value))
-        except PlanError as exc:
-            self._show_error(str(exc))
-            return
-        self.preset.value = name
-        self._plan = plan
-        self.refresh()
+        self.editor.apply_preset(name, top_n)
 
     def cell_state(self, block: int, column: str) -> str:
-        a = self.anatomy
-        module = a.module_name(block, column)
-        if module in self._plan.lora_modules:
-            return "lora"
-        names = [n for n in a.params_of_module(module) if not a.params[n].is_bias] or a.params_of_module(module)
-        if names and all(n in self._plan.train_params for n in names):
-            return "full"
-        return "off"
+        return self.editor.cell_state(block, column)
 
     def toggle(self, block: int, column: str) -> None:
         """What a click on a cell does: set it to the "Click sets" state, or back to frozen."""
-        a = self.anatomy
-        module = a.module_name(block, column)
-        want = self.click_sets.value if (block, column) in a.linear else "full"
-        state = self.cell_state(block, column)
-        lora = set(self._plan.lora_modules) - {module}
-        params = set(self._plan.train_params) - set(a.params_of_module(module))
-        if state != want:
-            if want == "lora":
-                lora.add(module)
-            else:
-                params |= set(a.params_of_module(module))
-        self._plan = self._plan.with_settings(lora_modules=frozenset(lora), train_params=frozenset(params),
-                                              label="custom")
-        self.refresh()
+        self.editor.toggle(block, column)
 
-    def _toggle_group(self, group: FreezePlan, on: bool) -> None:
-        self._plan = (self._plan | group) if on else (self._plan - group)
-        self.refresh()
-
-    def _bias_plan(self) -> FreezePlan:
-        return FreezePlan(train_params=frozenset(p.name for p in self.anatomy.params.values() if p.is_bias))
-
-    def _settings_changed(self) -> None:
-        try:
-            self._plan = self._plan.with_settings(rank=int(self.rank.value), alpha=float(self.alpha.value),
-                                                  dropout=float(self.dropout.value))
-        except PlanError as exc:
-            self._show_error(str(exc))
-            return
-        self.refresh()
-
-    # ---- rendering --------------------------------------------------------------------
-    def _show_error(self, message: str) -> None:
-        self.error = message
-        self.messages.value = f'<div class="sftkit-error" style="color:#b91c1c">&#10006; {html.escape(message)}</div>'
-
+    # ---- drawing ---------------------------------------------------------------------------
     def refresh(self) -> None:
-        a = self.anatomy
-        for (b, c), btn in self.cells.items():
-            state = self.cell_state(b, c)
-            module = a.module_name(b, c)
-            n = a.linear[(b, c)].n_params if (b, c) in a.linear else sum(
-                a.params[p].numel for p in a.params_of_module(module))
-            btn.description = f"{'L ' if state == 'lora' else 'F ' if state == 'full' else ''}{_short(n)}"
-            btn.style.button_color = COLOURS[state]
-            btn.tooltip = f"{module}: {n:,} parameters, {state}"
-        try:
-            trainable = self._plan.trainable_params(a)
-            est = self._plan.memory_estimate(a, batch_size=int(self.batch_size.value), seq_len=int(self.seq_len.value),
-                                             weights=self.weights_format,
-                                             gradient_checkpointing=bool(self.checkpointing.value))
-        except PlanError as exc:
-            self.estimate = None
-            self.counters.value = ""
-            self._show_error(str(exc))
-            return
-        self.error = None
-        self.estimate = est
-        self.trainable = trainable
-        pct = 100 * trainable / a.total_params
-        fits = self.device_bytes is None or est.total <= 0.9 * self.device_bytes
-        rows = "".join(f"<tr><td>{k}</td><td style='text-align:right'>{v / 2**20:,.0f} MiB</td></tr>"
-                       for k, v in est.rows())
-        device = (f"{self.device_name}: {_size(self.device_bytes)}"
-                  if self.device_bytes else "device memory unknown")
-        self.counters.value = (
-            f'<div class="sftkit-counters"><b>{trainable:,}</b> trainable parameters '
-            f'(<b>{pct:.3f}%</b> of {a.total_params:,}) &middot; {self._plan.method.upper()} &middot; '
-            f'weights {self.weights_format} &middot; plan: {html.escape(self._plan.label)}'
-            f'<table style="font-size:12px">{rows}</table>estimated peak for batch {self.batch_size.value} x '
-            f'{self.seq_len.value} tokens, against {device}</div>')
-        if not fits:
-            self.messages.value = (
-                f'<div class="sftkit-warning" style="color:#92400e">&#9888; The estimate ({_size(est.total)}) '
-                f"won't fit in {device}: lower the batch size or sequence length, turn on gradient "
-                f"checkpointing, train fewer blocks, or load the model in 4-bit.</div>")
-        else:
-            self.messages.value = ""
+        self._redraw(PLAN)
+
+    def _sync_controls(self) -> None:
+        ed = self.editor
+        values = {self.preset: ed.preset, self.top_n: ed.top_n, self.click_sets: ed.click_sets,
+                  self.rank: ed.plan.rank, self.alpha: ed.plan.alpha, self.dropout: ed.plan.dropout,
+                  self.batch_size: ed.batch_size, self.seq_len: ed.seq_len,
+                  self.checkpointing: ed.gradient_checkpointing}
+        values.update({getattr(self, g): ed.groups[g] for g in GROUPS})
+        for widget, value in values.items():
+            if widget.value != value:
+                widget.value = value
+
+    def _redraw(self, event: str) -> None:
+        ed, a = self.editor, self.anatomy
+        self._sync_controls()
+        if event == PLAN:
+            for (b, c), btn in self.cells.items():
+                state, n = ed.cell_state(b, c), ed.cell_params(b, c)
+                btn.description = f"{'L ' if state == 'lora' else 'F ' if state == 'full' else ''}{_short(n)}"
+                btn.style.button_color = COLOURS[state]
+                btn.tooltip = f"{a.module_name(b, c)}: {n:,} parameters, {state}"
+        error, est = ed.error, ed.estimate
+        self.counters.value = "" if est is None else (
+            f'<div class="sftkit-counters"><b>{ed.trainable:,}</b> trainable parameters '
+            f'(<b>{ed.trainable_percent:.3f}%</b> of {ed.total_params:,}) &middot; {ed.plan.method.upper()} '
+            f'&middot; weights {ed.weights} &middot; plan: {html.escape(ed.plan.label)}<table style="font-size:12px">'
+            + "".join(f"<tr><td>{k}</td><td style='text-align:right'>{v / 2**20:,.0f} MiB</td></tr>"
+                      for k, v in est.rows())
+            + f"</table>estimated peak for batch {ed.batch_size} x {ed.seq_len} tokens, against {ed.device_text}</div>")
+        kind, colour, mark, text = ("error", "#b91c1c", "&#10006;", error) if error else \
+            ("warning", "#92400e", "&#9888;", ed.warning)
+        self.messages.value = "" if text is None else \
+            f'<div class="sftkit-{kind}" style="color:{colour}">{mark} {html.escape(text, quote=False)}</div>'

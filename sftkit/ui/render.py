@@ -66,3 +66,16 @@ def messages_html(items: Sequence[str], kind: str = "warning") -> str:
 def stats_html(n_tokens: int, n_trained: int, max_length: int, prompt_length: int) -> str:
     return (f'<b>{n_tokens}</b> tokens (max {max_length}) &middot; <b>{n_trained}</b> trained &middot; '
             f'{prompt_length} in the prompt &middot; {LEGEND}')
+
+
+def answer_html(model_text: str, expected: str, *, running: bool, note: str = "",
+                matches: bool | None = None) -> str:
+    """The model's answer beside the dataset's, with progress or the run's note and whether they match."""
+    state = "&#8987; generating..." if running else html.escape(note)
+    if matches is not None:
+        state += (' <span style="color:#15803d">matches the dataset answer</span>' if matches else
+                  ' <span style="color:#b45309">differs from the dataset answer</span>')
+    return (f'<div style="font-family:monospace;white-space:pre-wrap;border-left:3px solid #1d4ed8;'
+            f'padding-left:6px"><b>Model:</b> {html.escape(model_text)}</div>'
+            f'<div style="font-family:monospace;color:#6b7280"><b>Dataset:</b> {html.escape(expected)}</div>'
+            f'<div style="color:#6b7280">{state}</div>')

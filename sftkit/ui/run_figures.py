@@ -1,4 +1,5 @@
-"""Run curves: metrics rows in, numpy arrays and plotly figures out (no widgets)."""
+"""Run figures: metrics rows in, plotly figures and HTML out (no widgets); the arrays come from
+``sftkit.state.run_monitor.curve_arrays``."""
 
 from __future__ import annotations
 
@@ -9,34 +10,16 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from ..state.run_monitor import CURVES as _CURVES
+from ..state.run_monitor import curve_arrays
+
+# where each of the monitor's curves goes: (subplot row, col)
+PLACES = {"loss": (1, 1), "eval_loss": (1, 1), "lr": (1, 2), "grad_norm": (1, 3), "tokens_per_s": (2, 1),
+          "memory": (2, 2)}
 # (trace name, metrics key, subplot row, col, scale to display units)
-CURVES = (
-    ("train loss", "loss", 1, 1, 1.0),
-    ("eval loss", "eval_loss", 1, 1, 1.0),
-    ("learning rate", "lr", 1, 2, 1.0),
-    ("grad norm", "grad_norm", 1, 3, 1.0),
-    ("tokens/s", "tokens_per_s", 2, 1, 1.0),
-    ("memory MiB", "memory", 2, 2, 1 / 2**20),
-)
+CURVES = tuple((name, key, *PLACES[key], scale) for name, key, scale in _CURVES)
 TITLES = ("loss", "learning rate", "grad norm", "tokens / s", "memory (MiB)", "")
 COLOURS = ("#2563eb", "#dc2626", "#059669", "#7c3aed", "#d97706", "#0891b2", "#db2777", "#65a30d")
-
-
-def _value(row: dict, key: str):
-    if key == "memory":
-        return row.get("memory_cuda_peak", row.get("memory_rss"))
-    return row.get(key)
-
-
-def curve_arrays(metrics: Sequence[dict]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """For each of CURVES: (steps, values) as float arrays, skipping rows without the value."""
-    out = []
-    for _, key, _, _, scale in CURVES:
-        pts = [(r["step"], _value(r, key)) for r in metrics if _value(r, key) is not None]
-        x = np.fromiter((p[0] for p in pts), dtype=np.float64, count=len(pts))
-        y = np.fromiter((p[1] for p in pts), dtype=np.float64, count=len(pts)) * scale
-        out.append((x, y))
-    return out
 
 
 def run_figure(metrics: Sequence[dict] = (), *, title: str = "", height: int = 460) -> go.Figure:
