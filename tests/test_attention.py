@@ -200,3 +200,76 @@ def test_default_model_adapter_diff(default_model_folder):
     with adapter_disabled(peft_model):
         base = capture_attention(peft_model, tok, TEXT)
     assert np.all(diff_captures(base, d.before).delta == 0)
+
+
+# ---- the size guard ---------------------------------------------------------------------
+def count_forward_calls(model) -> list:
+    calls = []
+    model.register_forward_pre_hook(lambda *_: calls.append(1))
+    return calls
+
+
+def test_capture_over_the_limit_refuses_before_any_compute_and_names_the_way_out(tiny):
+    from sftkit.engine.attention import AttentionTooLargeError, estimate_capture_bytes
+
+    model, tok = tiny
+    calls = count_forward_calls(model)
+    T = len(tok(TEXT, add_special_tokens=False)["input_ids"])
+    need = estimate_capture_bytes(T, n_layers=2, n_heads=4)
+    with pytest.raises(AttentionTooLargeError) as err:
+        capture_attention(model, tok, TEXT, max_bytes=need - 1)
+    assert calls == [], "the forward pass ran before the size check"
+    msg = str(err.value)
+    for part in (f"{T} tokens", "2 layers", "4 heads", "GiB", f"max_bytes={need - 1}", "layers=", "max_bytes="):
+        assert part in msg, (part, msg)
+    assert isinstance(err.value, ValueError)
+    # The way out the message names: one layer fits under the same limit.
+    cap = capture_attention(model, tok, TEXT, layers=[1], max_bytes=need - 1)
+    assert cap.layers == [1] and cap.probs.nbytes <= estimate_capture_bytes(T, n_layers=1, n_heads=4)
+    assert calls == [1]
+
+
+def test_the_default_limit_is_a_module_constant_read_at_call_time(tiny, monkeypatch):
+    from sftkit.engine import attention
+
+    model, tok = tiny
+    assert attention.MAX_CAPTURE_BYTES == 2**30
+    monkeypatch.setattr(attention, "MAX_CAPTURE_BYTES", 1000)
+    calls = count_forward_calls(model)
+    with pytest.raises(attention.AttentionTooLargeError, match=r"limit .*GiB"):
+        capture_attention(model, tok, TEXT)
+    tpl = Template(system="Rewrite dates.", user_pattern="{text}", answer_field="iso")
+    with pytest.raises(attention.AttentionTooLargeError):
+        capture_row(model, tok, tpl, {"text": "June 2, 2021", "iso": "2021-06-02"})
+    assert calls == []
+    cap = capture_attention(model, tok, TEXT, max_bytes=10 * 2**20)  # an explicit limit wins
+    assert cap.probs.shape[0] == 2
+
+
+def test_adapter_diff_checks_the_size_of_both_captures_and_the_difference_first(tiny):
+    from sftkit.engine.attention import AttentionTooLargeError, estimate_capture_bytes
+
+    model, tok = tiny
+    T = len(tok(TEXT, add_special_tokens=False)["input_ids"])
+    one = estimate_capture_bytes(T, n_layers=2, n_heads=4)
+    both = estimate_capture_bytes(T, n_layers=2, n_heads=4, diff=True)
+    assert both > one
+    calls = count_forward_calls(model)
+    with pytest.raises(AttentionTooLargeError, match="layers="):
+        adapter_diff(model, tok, TEXT, max_bytes=both - 1)  # one capture would fit, the diff does not
+    assert calls == []
+    d = adapter_diff(model, tok, TEXT, max_bytes=both)
+    assert d.delta.shape == (2, 4, T, T) and np.all(d.delta == 0)
+
+
+def test_view_from_model_shows_the_size_error_in_its_message_area(tiny):
+    model, tok = tiny
+    view = AttentionView.from_model(model, tok, TEXT, max_bytes=1000)
+    assert view.error is not None and view.data is None
+    assert "layers=" in view.info.value and "max_bytes=" in view.info.value
+    assert view.info in view.widget.children
+    view.refresh_map()  # nothing to draw: no crash
+    ok = AttentionView.from_model(model, tok, TEXT, layers=[0], max_window=16)
+    assert ok.error is None and ok.capture.layers == [0] and ok.window[1] - ok.window[0] == 16
+    diff = AttentionView.from_model(model, tok, TEXT, compare_adapter=True)
+    assert diff.diff and diff.summary.value == "change"

@@ -1,15 +1,63 @@
 """JupyterLab from lab/start.sh in a real headless Chromium: the start notebook opens in the
-project's kernel (no "Select Kernel" dialog), runs a cell, and shows its output."""
+project's kernel (no "Select Kernel" dialog), runs a cell, and shows its output.
 
+The lab runs from a temporary copy of lab/ and notebooks/ (see test_lab), so the notebooks' run
+folders, templates and exports land there, and its kernels use a private sftkit cache.
+
+Without Chromium or playwright the browser tests skip, saying which is missing; under CI (CI set
+and not "false"/"0") they fail instead, so a CI run can't pass without having run them.
+"""
+
+import os
+import re
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from test_lab import lab  # noqa: F401  (the running JupyterLab fixture)
+from test_lab import linked_cache, project_copy, running_lab
 
+ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium")
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium not installed "
-                                "(make test installs it where it can: .ci/browser-deps.sh)")
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def missing_browser() -> str | None:
+    """Why the browser tests can't run here, or None."""
+    if CHROMIUM is None:
+        return ("Debian chromium not installed: `bash .ci/browser-deps.sh` installs it where it can "
+                "(apt-get install chromium)")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError as exc:
+        return f"playwright is not importable ({exc}): pip install -e '.[test]'"
+    return None
+
+
+@pytest.fixture(scope="session")
+def browser_ready():  # session scope: checked before the (session) default model fixture
+    why = missing_browser()
+    if why is None:
+        return
+    if in_ci():
+        pytest.fail(f"CI={os.environ['CI']}: the browser tests must run, but {why}", pytrace=False)
+    pytest.skip(why)
+
+
+@pytest.fixture(scope="module")
+def lab(browser_ready, tmp_path_factory, default_model_folder):
+    """JupyterLab on a project copy; its kernels use a private cache linking the default model."""
+    work = tmp_path_factory.mktemp("browser-lab")
+    cache = linked_cache(work / "cache", default_model_folder)
+    with running_lab(project_copy(work / "project"), cache) as info:
+        yield info
+
+
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
          "--disable-sync", "--no-first-run", "--disable-quic"]
 
@@ -26,7 +74,7 @@ def page():
             browser.close()
 
 
-def open_alone(page, lab, notebook: str, workspace: str):  # noqa: F811
+def open_alone(page, lab, notebook: str, workspace: str):
     """Open ``notebook`` in a fresh workspace (so every indicator is its own) and wait for its kernel."""
     page.goto(f"{lab['base']}/lab/workspaces/{workspace}/tree/{notebook}?reset&token={lab['token']}", timeout=60_000)
     panel = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden)")
@@ -41,7 +89,21 @@ def run_all(page):
     page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
 
 
-def test_start_notebook_opens_in_the_sftkit_kernel_and_runs(lab, page, tmp_path):  # noqa: F811
+ALL_CELLS_RAN = """() => {
+    const panel = document.querySelector('.jp-NotebookPanel:not(.lm-mod-hidden)');
+    if (!panel) return false;
+    const prompts = [...panel.querySelectorAll('.jp-CodeCell .jp-InputArea-prompt')].map(e => e.textContent.trim());
+    return prompts.length > 0 && prompts.every(t => /^\\[\\d+\\]:$/.test(t));
+}"""
+
+
+def wait_for_all_cells(page, timeout: int = 600_000):
+    """Until every code cell of the open notebook has run ([n]: prompts, none queued [*]):
+    a widget's events reach the kernel only once it is free."""
+    page.wait_for_function(ALL_CELLS_RAN, timeout=timeout)
+
+
+def test_start_notebook_opens_in_the_sftkit_kernel_and_runs(lab, page, tmp_path):
     page.goto(f"{lab['base']}/lab?token={lab['token']}", timeout=60_000)
     # The workspace opens the start notebook.
     tab = page.locator(".lm-TabBar-tab", has_text="00_start_here.ipynb")
@@ -67,31 +129,33 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def test_prompt_builder_renders_updates_as_you_type_and_answers(lab, page, tmp_path):  # noqa: F811
+def test_prompt_builder_renders_updates_as_you_type_and_answers(lab, page, tmp_path):
     panel = open_alone(page, lab, "01_prompt_builder.ipynb", "builder-test")
     run_all(page)
     try:
         panel.locator(".sftkit-tok").first.wait_for(timeout=120_000)
+        wait_for_all_cells(page)
+        assert panel.locator('.sftkit-tok[data-trained="1"]').count() == 11  # 2021-style date + <|im_end|>
+        # Typing in the user pattern re-renders the preview through the kernel.
+        box = panel.locator(".widget-textarea textarea").nth(1)
+        box.fill("Please rewrite: {text}")
+        page.locator(".sftkit-tok", has_text="rewrite").first.wait_for(timeout=30_000)
+        # Try it: the base model's answer streams into the view.
+        panel.locator("button", has_text="Try it").click()
+        page.get_by_text("matches the dataset answer").or_(page.get_by_text("differs from the dataset answer")) \
+            .first.wait_for(timeout=120_000)
     except Exception:
-        page.screenshot(path="/tmp/sftkit-builder-failure.png")
+        page.screenshot(path="/tmp/sftkit-builder-failure.png", full_page=True)
         raise
-    assert panel.locator('.sftkit-tok[data-trained="1"]').count() == 11  # 2021-style date + <|im_end|>
-    # Typing in the user pattern re-renders the preview through the kernel.
-    box = panel.locator(".widget-textarea textarea").nth(1)
-    box.fill("Please rewrite: {text}")
-    page.locator(".sftkit-tok", has_text="rewrite").first.wait_for(timeout=30_000)
-    # Try it: the base model's answer streams into the view.
-    panel.locator("button", has_text="Try it").click()
-    page.get_by_text("matches the dataset answer").or_(page.get_by_text("differs from the dataset answer")) \
-        .first.wait_for(timeout=120_000)
     page.screenshot(path=str(tmp_path / "builder.png"), full_page=True)
 
 
-def test_layer_picker_renders_and_a_click_changes_the_count(lab, page, tmp_path):  # noqa: F811
+def test_layer_picker_renders_and_a_click_changes_the_count(lab, page, tmp_path):
     panel = open_alone(page, lab, "02_layer_picker.ipynb", "picker-test")
     run_all(page)
     counters = panel.locator(".sftkit-counters").first
     counters.wait_for(timeout=120_000)
+    wait_for_all_cells(page)
     assert "1,843,200" in counters.inner_text()  # LoRA r=16 on attention of SmolLM2-135M
     # The grid: 30 block rows; click block 29's up_proj cell (frozen -> LoRA).
     cell = panel.locator("button[title^='model.layers.29.mlp.up_proj']").first
@@ -101,7 +165,7 @@ def test_layer_picker_renders_and_a_click_changes_the_count(lab, page, tmp_path)
     page.screenshot(path=str(tmp_path / "picker.png"))
 
 
-def test_attention_view_renders_heatmap_and_a_grid_click_opens_a_head(lab, page, tmp_path):  # noqa: F811
+def test_attention_view_renders_heatmap_and_a_grid_click_opens_a_head(lab, page, tmp_path):
     panel = open_alone(page, lab, "03_attention.ipynb", "attention-test")
     # run the capture and view cells only
     panel.locator(".jp-Cell").nth(1).click()
@@ -114,39 +178,127 @@ def test_attention_view_renders_heatmap_and_a_grid_click_opens_a_head(lab, page,
     cell.scroll_into_view_if_needed()
     cell.click()
     panel.locator(".gtitle", has_text="layer 12, head 4").first.wait_for(timeout=30_000)
-    assert panel.locator(".js-plotly-plot .heatmaplayer image, .js-plotly-plot .hm").count() >= 1
+    panel.locator(".js-plotly-plot .heatmaplayer image, .js-plotly-plot .hm").first.wait_for(
+        state="attached", timeout=30_000)
     page.screenshot(path=str(tmp_path / "attention.png"))
 
 
-def test_run_launcher_start_grows_the_loss_curve_and_stop_ends_it(lab, page, tmp_path):  # noqa: F811
+def test_run_launcher_start_grows_the_loss_curve_and_stop_ends_it(lab, page, tmp_path):
     panel = open_alone(page, lab, "04_training.ipynb", "training-test")
     panel.locator(".jp-Cell").nth(2).click()  # the cell that builds the launcher
     page.keyboard.press("Shift+Enter")
     start = panel.locator("button", has_text="Start").first
     start.wait_for(timeout=120_000)
-    panel.locator(".js-plotly-plot").first.wait_for(timeout=60_000)
+    plot = panel.locator(".js-plotly-plot").first
+    plot.wait_for(timeout=60_000)
     start.click()
-    line = panel.locator(".js-plotly-plot .scatterlayer .trace path.js-line").first
-
-    def points() -> int:
-        try:
-            d = line.get_attribute("d", timeout=1_000) or ""
-        except Exception:
-            return 0
-        return d.count("L") + (1 if d.startswith("M") else 0)
-
+    # the train-loss trace's steps, as the browser holds them
+    steps = "el => (el.data && el.data[0] && el.data[0].x) ? Array.from(el.data[0].x) : []"
     try:
-        page.wait_for_function("() => true")  # let the first redraw land
-        for _ in range(600):
-            if points() >= 3:
-                break
-            page.wait_for_timeout(500)
-        assert points() >= 3, "the loss curve did not grow to 3 points"
-        seen = points()
+        # The curve grows: 3 logged steps in the figure, and drawn (a path through them).
+        page.wait_for_function(f"el => ({steps})(el).length >= 3", arg=plot.element_handle(), timeout=300_000)
+        line = panel.locator(".js-plotly-plot .scatterlayer .trace path.js-line").first
+        line.wait_for(state="attached", timeout=30_000)
+        assert re.match(r"^M[^L]*L", line.get_attribute("d") or ""), line.get_attribute("d")
         panel.locator("button", has_text="Stop").first.click()
-        panel.locator(".widget-html", has_text="stopped at step").first.wait_for(timeout=120_000)
-        assert points() >= seen
+        status = panel.locator(".widget-html", has_text="stopped at step").first
+        status.wait_for(timeout=120_000)
+        stopped_at = int(re.search(r"stopped at step (\d+)", status.inner_text()).group(1))
+        assert stopped_at >= 3
+        # After the stop the curve holds every step the run trained, and no more.
+        page.wait_for_function(f"([el, n]) => ({steps})(el).length === n", arg=[plot.element_handle(), stopped_at],
+                               timeout=60_000)
+        assert plot.evaluate(steps) == list(range(1, stopped_at + 1))
     except Exception:
         page.screenshot(path="/tmp/sftkit-training-failure.png", full_page=True)
         raise
     page.screenshot(path=str(tmp_path / "training.png"), full_page=True)
+    # The run folder went to the lab's copy of notebooks/, not the repository's.
+    runs = [p for p in (lab["notebooks"] / "runs").iterdir() if p.is_dir()]
+    assert runs and all((r / "config.yaml").is_file() for r in runs)
+
+
+# ---- the guard against skipping in CI ------------------------------------------------------
+def run_pytest_on_this_file(env: dict, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pytest", str(Path(__file__)), "-q", "-p", "no:cacheprovider",
+                           "-k", "start_notebook", "-rs", *args], cwd=str(ROOT), env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def no_chromium_env(tmp_path, ci: str | None) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "CI"}
+    env["PATH"] = str(Path(sys.executable).parent)  # no chromium on it
+    if ci is not None:
+        env["CI"] = ci
+    return env
+
+
+def test_without_chromium_the_browser_tests_fail_under_ci_and_skip_saying_why_elsewhere(tmp_path):
+    out = run_pytest_on_this_file(no_chromium_env(tmp_path, "true"))
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "1 error" in out.stdout and "skipped" not in out.stdout, out.stdout
+    assert "CI=true: the browser tests must run, but Debian chromium not installed" in out.stdout
+    out = run_pytest_on_this_file(no_chromium_env(tmp_path, None))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "1 skipped" in out.stdout and "Debian chromium not installed" in out.stdout, out.stdout
+
+
+def test_without_playwright_the_browser_tests_fail_under_ci(tmp_path):
+    if CHROMIUM is None:
+        pytest.skip("this check hides playwright where chromium is installed")
+    stub = tmp_path / "stub" / "playwright"
+    stub.mkdir(parents=True)
+    (stub / "__init__.py").write_text("raise ImportError('playwright hidden by the test')\n")
+    env = dict(os.environ, CI="1", PYTHONPATH=os.pathsep.join(filter(None, [str(stub.parent),
+                                                                         os.environ.get("PYTHONPATH")])))
+    out = run_pytest_on_this_file(env)
+    assert out.returncode == 1 and "1 error" in out.stdout, out.stdout + out.stderr
+    assert "playwright is not importable" in out.stdout and "skipped" not in out.stdout, out.stdout
+
+
+def fake_path(tmp_path, *tools: str) -> str:
+    """A PATH holding only ``tools`` (``chromium`` as a stub; others linked from this machine)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(parents=True)
+    for tool in tools:
+        if tool == "chromium":
+            (bin_dir / tool).write_text("#!/bin/sh\nexit 0\n")
+            (bin_dir / tool).chmod(0o755)
+        else:
+            (bin_dir / tool).symlink_to(shutil.which(tool))
+    return str(bin_dir)
+
+
+def browser_deps(path: str, ci: str | None, **extra) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "CI"}
+    env.update({"PATH": path, "VENV": str(ROOT / ".venv"), **extra})
+    if ci is not None:
+        env["CI"] = ci
+    return subprocess.run(["/bin/bash", str(ROOT / ".ci" / "browser-deps.sh")], env=env, capture_output=True,
+                          text=True, timeout=60)
+
+
+@pytest.mark.parametrize("ci", ["true", "1"])
+def test_browser_deps_script_fails_under_ci_when_it_cannot_provide_chromium(tmp_path, ci):
+    out = browser_deps(fake_path(tmp_path, "id"), ci)  # no chromium, no apt-get to install it
+    assert out.returncode != 0, out.stderr
+    assert "chromium" in out.stderr
+
+
+def test_browser_deps_script_warns_and_continues_outside_ci(tmp_path):
+    out = browser_deps(fake_path(tmp_path, "id"), None)
+    assert out.returncode == 0, out.stderr
+    assert "chromium" in out.stderr and "skipped" in out.stderr
+    out = browser_deps(fake_path(tmp_path / "x", "id"), "false")
+    assert out.returncode == 0, out.stderr
+
+
+def test_browser_deps_script_checks_playwright_under_ci(tmp_path):
+    path = fake_path(tmp_path, "id", "chromium")
+    assert browser_deps(path, "true").returncode == 0
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").write_text("#!/bin/sh\nexit 1\n")  # a python without playwright
+    (venv / "bin" / "python").chmod(0o755)
+    out = browser_deps(path, "true", VENV=str(venv))
+    assert out.returncode != 0 and "playwright" in out.stderr, out.stderr

@@ -3,6 +3,7 @@
 import shutil
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,8 +29,12 @@ def greedy_answer(model, tokenizer, question, max_new_tokens=24):
 def test_default_model_answers_a_chat_prompt(default_model_folder):
     loaded = sftkit.load_model("default")
     model, tokenizer = loaded
-    assert not loaded.report.converted and loaded.report.folder == str(default_model_folder)
-    assert model.dtype == torch.float32 and model.device.type == "cpu" or torch.cuda.is_available()
+    assert not loaded.report.converted
+    assert Path(loaded.report.folder).resolve() == default_model_folder.resolve()  # the cache may be linked
+    if torch.cuda.is_available():
+        assert model.device.type == "cuda" and loaded.report.plan.device == "cuda"
+    else:
+        assert model.dtype == torch.float32 and model.device.type == "cpu"
     answer = greedy_answer(model, tokenizer, "What is the capital of France?")
     assert "Paris" in answer, answer
     summary = loaded.report.summary()
@@ -109,7 +114,8 @@ def test_path_not_found_is_a_clear_error(tmp_path):
         sftkit.load_model(str(tmp_path / "no" / "such" / "model"))
 
 
-def test_unsupported_gguf_architecture_names_it(tmp_path):
+def test_unsupported_gguf_architecture_names_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("SFTKIT_CACHE_DIR", str(tmp_path / "cache"))
     import numpy as np
     from gguf import GGUFWriter
 
@@ -120,8 +126,9 @@ def test_unsupported_gguf_architecture_names_it(tmp_path):
     w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
     with pytest.raises(UnsupportedModelError, match=r"odd.gguf: GGUF architecture 'sftkit-test-arch'.*it loads: .*llama"):
         sftkit.load_model(str(path))
-    assert not (gguf_cache.models_cache_dir().exists() and
-                any(p.name.startswith("odd-") for p in gguf_cache.models_cache_dir().iterdir()))
+    models = gguf_cache.models_cache_dir()
+    assert str(models).startswith(str(tmp_path))
+    assert not (models.exists() and any("odd-" in p.name for p in models.iterdir())), list(models.iterdir())
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
@@ -143,3 +150,83 @@ def test_plan_load_reports_in_words_without_loading():
         assert "CUDA GPU found" in text
     else:
         assert text.startswith("CPU: LoRA") and "4-bit off because" in text
+
+
+# ---- files sftkit writes ------------------------------------------------------------------
+@pytest.fixture()
+def umask():
+    """Set the process umask for one test, and put the old one back."""
+    import os
+
+    old = os.umask(0o022)
+    os.umask(old)
+    yield lambda mask: os.umask(mask)
+    os.umask(old)
+
+
+def test_atomic_writes_get_the_mode_open_would_give_and_keep_a_replaced_files_mode(tmp_path, umask):
+    import os
+    import stat
+
+    from sftkit.core.atomic import write_text_atomic
+
+    def mode(p):
+        return stat.S_IMODE(os.stat(p).st_mode)
+
+    for mask in (0o022, 0o077, 0o002):
+        umask(mask)
+        plain = tmp_path / f"plain-{mask:o}.txt"
+        plain.write_text("x")
+        atomic = write_text_atomic(tmp_path / f"atomic-{mask:o}.txt", "x")
+        assert mode(atomic) == mode(plain) == 0o666 & ~mask, (oct(mask), oct(mode(atomic)))
+    umask(0o022)
+    kept = tmp_path / "kept.json"
+    kept.write_text("{}")
+    os.chmod(kept, 0o640)
+    write_text_atomic(kept, '{"a": 1}')
+    assert mode(kept) == 0o640 and kept.read_text() == '{"a": 1}'
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary left
+
+
+def test_stale_conversion_folders_are_removed_and_a_live_ones_is_kept(tmp_path, monkeypatch):
+    import os
+    import subprocess
+
+    monkeypatch.setenv("SFTKIT_CACHE_DIR", str(tmp_path))
+    models = gguf_cache.models_cache_dir()
+    models.mkdir(parents=True)
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid that no longer runs: a killed conversion
+    live = subprocess.Popen(["sleep", "120"])  # a conversion still writing
+    try:
+        def tmp_folder(name, pid, age_s=0):
+            d = models / f".tmp-{name}-0123456789ab-{pid}"
+            d.mkdir()
+            (d / "model.safetensors").write_bytes(b"partial")
+            if age_s:
+                old = time.time() - age_s
+                for p in (d / "model.safetensors", d):
+                    os.utime(p, (old, old))
+            return d
+
+        dead = tmp_folder("killed", gone.pid)
+        old_live_pid = tmp_folder("abandoned", live.pid, age_s=gguf_cache.STALE_TEMP_SECONDS + 60)
+        fresh = tmp_folder("converting", live.pid)
+        mine = tmp_folder("this-process", os.getpid())
+        others = [models / ".tmp-not-ours", models / "user-model-0123456789ab-1", models / ".tmp-x-123"]
+        for d in others:
+            d.mkdir()
+        # A later load finds its converted folder in the cache: the clean-up runs on that path too.
+        gguf = find_default_gguf()
+        done = models / gguf_cache.cache_key(gguf)
+        done.mkdir()
+        (done / gguf_cache.MARKER).write_text("{}")
+        assert gguf_cache.convert_gguf(gguf) == done
+        assert not dead.exists() and not old_live_pid.exists()
+        assert fresh.exists() and mine.exists() and all(d.exists() for d in others)
+        assert (fresh / "model.safetensors").read_bytes() == b"partial"
+        assert sorted(p.name for p in gguf_cache.clean_stale_temp_folders()) == []  # nothing more to do
+    finally:
+        live.kill()
+        live.wait()
+    assert gguf_cache.clean_stale_temp_folders() == [fresh]  # its writer is gone now

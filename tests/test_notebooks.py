@@ -1,10 +1,17 @@
-"""The workshop notebooks run top to bottom in the project's kernel."""
+"""The workshop notebooks run top to bottom in the project's kernel.
+
+Each runs with its working folder in a temporary folder (the notebooks write templates/,
+exports/ and the run store runs/ relative to it) and with a private sftkit cache that links
+the converted default model, so a test run leaves nothing in notebooks/ or the user's cache.
+"""
 
 from pathlib import Path
 
 import nbformat
 import pytest
 from nbclient import NotebookClient
+
+from test_lab import linked_cache
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 
@@ -18,10 +25,22 @@ def outputs_text(nb) -> str:
     return "\n".join(parts)
 
 
-def run_notebook(name: str):
+@pytest.fixture()
+def workdir(tmp_path, monkeypatch, default_model_folder):
+    """The kernel's working folder; its environment points the sftkit cache at a private one."""
+    cache = linked_cache(tmp_path / "cache", default_model_folder)
+    monkeypatch.setenv("SFTKIT_CACHE_DIR", str(cache))  # the kernel inherits this environment
+    work = tmp_path / "work"
+    work.mkdir()
+    before = sorted(p.name for p in NOTEBOOKS.iterdir())
+    yield work
+    assert sorted(p.name for p in NOTEBOOKS.iterdir()) == before, "the notebook wrote into notebooks/"
+
+
+def run_notebook(name: str, workdir: Path):
     nb = nbformat.read(str(NOTEBOOKS / name), as_version=4)
     NotebookClient(nb, timeout=600, kernel_name="sftkit",
-                   resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+                   resources={"metadata": {"path": str(workdir)}}).execute()
     return nb
 
 
@@ -41,26 +60,28 @@ def test_every_notebook_names_the_project_kernel():
 
 
 @pytest.mark.slow
-def test_start_here_runs_and_the_model_answers(default_model_folder, tmp_path):
-    nb = run_notebook("00_start_here.ipynb")
+def test_start_here_runs_and_the_model_answers(workdir):
+    nb = run_notebook("00_start_here.ipynb", workdir)
     text = outputs_text(nb)
     assert "All good." in text
+    assert f"cached at {workdir.parent / 'cache'}" in text  # the kernel used the private cache
     assert "Paris" in text
     assert "4-bit:" in text and "<|im_start|>assistant" in text
 
 
 @pytest.mark.slow
-def test_prompt_builder_notebook_runs_shows_the_widget_and_scores(default_model_folder):
-    nb = run_notebook("01_prompt_builder.ipynb")
+def test_prompt_builder_notebook_runs_shows_the_widget_and_scores(workdir):
+    nb = run_notebook("01_prompt_builder.ipynb", workdir)
     assert shows_a_widget(nb), "the PromptBuilder did not display"
     text = outputs_text(nb)
     assert "trained: '" in text and "<|im_end|>'" in text
     assert "zero-shot:" in text and "few-shot:" in text and "95% CI" in text
+    assert (workdir / "templates" / "dates.yaml").is_file()
 
 
 @pytest.mark.slow
-def test_layer_picker_notebook_runs_and_reports(default_model_folder):
-    nb = run_notebook("02_layer_picker.ipynb")
+def test_layer_picker_notebook_runs_and_reports(workdir):
+    nb = run_notebook("02_layer_picker.ipynb", workdir)
     assert shows_a_widget(nb), "the LayerPicker did not display"
     text = outputs_text(nb)
     assert "30 blocks under model.layers" in text and "LoraConfig" in text
@@ -68,20 +89,21 @@ def test_layer_picker_notebook_runs_and_reports(default_model_folder):
 
 
 @pytest.mark.slow
-def test_attention_notebook_runs_trains_and_diffs(default_model_folder):
-    nb = run_notebook("03_attention.ipynb")
+def test_attention_notebook_runs_trains_and_diffs(workdir):
+    nb = run_notebook("03_attention.ipynb", workdir)
     assert shows_a_widget(nb), "the AttentionView did not display"
     text = outputs_text(nb)
     assert "30 layers x 9 heads" in text and "step 11: loss" in text
     assert "heads that moved most" in text and "attention_diff.html" in text
     assert any("application/vnd.plotly.v1+json" in o.get("data", {})
                for c in nb.cells for o in c.get("outputs", [])), "no static figure was left"
+    assert (workdir / "exports" / "attention_diff.html").is_file()
 
 
 @pytest.mark.slow
-def test_training_notebook_trains_snapshots_and_merges(default_model_folder, monkeypatch):
+def test_training_notebook_trains_snapshots_and_merges(workdir, monkeypatch):
     monkeypatch.setenv("SFTKIT_NOTEBOOK_STEPS", "4")
-    nb = run_notebook("04_training.ipynb")
+    nb = run_notebook("04_training.ipynb", workdir)
     assert shows_a_widget(nb), "the RunLauncher did not display"
     text = outputs_text(nb)
     assert "finished\n" in text and "finished 4 steps" in text
@@ -89,3 +111,7 @@ def test_training_notebook_trains_snapshots_and_merges(default_model_folder, mon
     assert any("application/vnd.plotly.v1+json" in o.get("data", {})
                for c in nb.cells for o in c.get("outputs", [])), "no static figure was left"
     assert "<table class='sftkit-metrics'>" in text
+    # The run store and the exports are in the working folder.
+    runs = [p for p in (workdir / "runs").iterdir() if p.is_dir() and (p / "adapter").is_dir()]
+    assert len(runs) == 1, sorted((workdir / "runs").iterdir())
+    assert (workdir / "exports" / "dates-merged" / "model.safetensors").is_file()

@@ -5,6 +5,12 @@ pass switches to eager attention (the one that materializes the probabilities) a
 back. Forward hooks on the chosen layers' attention modules take each layer's probabilities
 as it is computed, move it off the device as float16 and let the rest go, so memory holds
 only what was asked for. Grouped-query attention comes out per query head.
+
+The maps grow with the square of the prompt: layers x heads x tokens^2 values (30 x 9 x 4096^2
+float16 values are 8.4 GiB for a 4k-token prompt on the default model). Every capture estimates its
+memory from the token count before it runs the model and refuses, naming the numbers, when the
+estimate is over ``max_bytes`` (``MAX_CAPTURE_BYTES`` unless given): capture fewer ``layers=``, a
+shorter prompt, or raise ``max_bytes=``.
 """
 
 from __future__ import annotations
@@ -15,11 +21,80 @@ from typing import Sequence
 
 import numpy as np
 
+from ..core.errors import SftkitError
 from ..core.template import Segment
 from ..core.tokens import TokenPiece, readable_tokens
 from .anatomy import base_model_of, find_blocks
 
 SUMMARIES = ("entropy", "sink", "previous", "system", "example", "user", "answer")
+
+MAX_CAPTURE_BYTES = 2**30  # 1 GiB: the default limit of one capture (or one adapter_diff)
+_KEPT_BYTES = 2  # float16 per kept probability
+_DELTA_BYTES = 4  # float32 per value of a difference
+_PASS_BYTES = 10  # per value of the one layer being computed: fp32 scores + fp32 softmax + the fp16 copy
+
+
+class AttentionTooLargeError(SftkitError, ValueError):
+    """A capture would need more memory than ``max_bytes``; raised before the model runs."""
+
+
+def estimate_capture_bytes(n_tokens: int, n_layers: int, n_heads: int, *, diff: bool = False) -> int:
+    """Peak memory of a capture (``diff``: of ``adapter_diff``: two captures and their difference).
+
+    What is kept (float16 per layer x head x query x key, plus float32 for a difference) and the
+    one layer's eager-attention tensors that exist while it is computed.
+    """
+    per_layer = n_heads * n_tokens * n_tokens
+    kept = n_layers * per_layer * (2 * _KEPT_BYTES + _DELTA_BYTES if diff else _KEPT_BYTES)
+    return int(kept + per_layer * _PASS_BYTES)
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def check_capture_size(n_tokens: int, layers: Sequence[int], n_heads: int, max_bytes: int | None = None, *,
+                       diff: bool = False) -> int:
+    """Raise AttentionTooLargeError when the estimate is over ``max_bytes``; return the estimate."""
+    limit = MAX_CAPTURE_BYTES if max_bytes is None else max_bytes
+    layers = list(layers)
+    need = estimate_capture_bytes(n_tokens, len(layers), n_heads, diff=diff)
+    if need <= limit:
+        return need
+    what = "an adapter_diff (two captures and their difference)" if diff else "capturing attention"
+    msg = (f"{what} for {n_tokens} tokens x {len(layers)} layers x {n_heads} heads needs about {_gib(need)}, "
+           f"over the limit of {_gib(limit)} (max_bytes={limit}). ")
+    fit = 0
+    while fit < len(layers) and estimate_capture_bytes(n_tokens, fit + 1, n_heads, diff=diff) <= limit:
+        fit += 1
+    if fit:
+        example = sorted({layers[round(k * (len(layers) - 1) / max(fit - 1, 1))] for k in range(fit)})
+        msg += (f"Capture fewer layers: {fit} of the {len(layers)} fit, e.g. layers={example} "
+                f"(about {_gib(estimate_capture_bytes(n_tokens, len(example), n_heads, diff=diff))}); "
+                "or a shorter prompt (memory grows with tokens^2); ")
+    else:
+        one = estimate_capture_bytes(n_tokens, 1, n_heads, diff=diff)
+        msg += (f"Even one layer needs about {_gib(one)} at this length: use a shorter prompt (memory grows "
+                "with tokens^2) and fewer layers=[...]; ")
+    msg += f"or raise the limit with max_bytes={need} if the machine has the memory."
+    raise AttentionTooLargeError(msg)
+
+
+def _n_query_heads(model, module) -> int:
+    """Query heads of one attention module (what the probabilities have, grouped-query or not)."""
+    for owner in (getattr(module, "config", None), base_model_of(model).config):
+        if owner is None:
+            continue
+        cfg = owner.get_text_config() if hasattr(owner, "get_text_config") else owner
+        for name in ("num_attention_heads", "n_head", "num_heads"):
+            n = getattr(cfg, name, None)
+            if isinstance(n, int) and n > 0:
+                return n
+    for name in ("num_heads", "num_attention_heads", "n_head"):
+        n = getattr(module, name, None)
+        if isinstance(n, int) and n > 0:
+            return n
+    raise ValueError(f"can't tell the number of attention heads of {type(module).__name__}")
 
 
 @dataclass
@@ -145,16 +220,8 @@ def _attention_modules(model) -> list:
     return mods
 
 
-def capture_attention(model, tokenizer, text: str | None = None, *, input_ids: Sequence[int] | None = None,
-                      layers: Sequence[int] | None = None, segments: Sequence[Segment] = (),
-                      label: str = "") -> AttentionCapture:
-    """Attention probabilities of ``layers`` (default all) for ``text`` or ``input_ids``.
-
-    Works on full-precision, 4-bit and LoRA-wrapped models, as they are (an active adapter
-    is part of the capture; see ``adapter_disabled``).
-    """
-    import torch
-
+def _plan_capture(model, tokenizer, text, input_ids, layers):
+    """Token ids, attention modules, chosen layers and query-head count: all known before any compute."""
     if input_ids is None:
         if text is None:
             raise ValueError("pass text or input_ids")
@@ -167,14 +234,43 @@ def capture_attention(model, tokenizer, text: str | None = None, *, input_ids: S
     bad = [x for x in layers if not 0 <= x < len(modules)]
     if bad:
         raise ValueError(f"layers {bad} don't exist; the model has layers 0 to {len(modules) - 1}")
-    kept: dict[int, np.ndarray] = {}
+    if not layers:
+        raise ValueError("layers=[] captures nothing; pass at least one layer")
+    return input_ids, modules, layers, _n_query_heads(model, modules[layers[0]])
+
+
+def capture_attention(model, tokenizer, text: str | None = None, *, input_ids: Sequence[int] | None = None,
+                      layers: Sequence[int] | None = None, segments: Sequence[Segment] = (),
+                      label: str = "", max_bytes: int | None = None) -> AttentionCapture:
+    """Attention probabilities of ``layers`` (default all) for ``text`` or ``input_ids``.
+
+    Works on full-precision, 4-bit and LoRA-wrapped models, as they are (an active adapter
+    is part of the capture; see ``adapter_disabled``). Refuses with AttentionTooLargeError,
+    before running the model, when the estimated memory is over ``max_bytes`` (default
+    ``MAX_CAPTURE_BYTES``, 1 GiB).
+    """
+    input_ids, modules, layers, n_heads = _plan_capture(model, tokenizer, text, input_ids, layers)
+    check_capture_size(len(input_ids), layers, n_heads, max_bytes)
+    return _capture(model, tokenizer, input_ids, modules, layers, segments, label)
+
+
+def _capture(model, tokenizer, input_ids, modules, layers, segments, label) -> AttentionCapture:
+    import torch
+
+    slot = {layer: k for k, layer in enumerate(layers)}
+    out: dict[str, np.ndarray] = {}  # one array for all layers, filled as each layer is computed
+    filled: set[int] = set()
 
     def hook_for(i):
-        def hook(_mod, _inp, out):
-            weights = out[1] if isinstance(out, tuple) and len(out) > 1 else None
+        def hook(_mod, _inp, res):
+            weights = res[1] if isinstance(res, tuple) and len(res) > 1 else None
             if weights is None:
                 raise RuntimeError("the attention module returned no probabilities; eager attention is needed")
-            kept[i] = weights[0].detach().to("cpu", torch.float16).numpy()
+            w = weights[0].detach().to("cpu", torch.float16).numpy()
+            if "probs" not in out:
+                out["probs"] = np.empty((len(layers),) + w.shape, np.float16)
+            out["probs"][slot[i]] = w
+            filled.add(i)
         return hook
 
     handles = [modules[i].register_forward_hook(hook_for(i)) for i in layers]
@@ -188,12 +284,17 @@ def capture_attention(model, tokenizer, text: str | None = None, *, input_ids: S
         for h in handles:
             h.remove()
         model.train(was_training)
-    probs = np.stack([kept[i] for i in layers])
-    return AttentionCapture(input_ids, readable_tokens(tokenizer, input_ids), layers, probs, tuple(segments), label)
+    missing = [i for i in layers if i not in filled]
+    if missing:
+        raise RuntimeError(f"the forward pass did not run the attention of layers {missing}")
+    return AttentionCapture(input_ids, readable_tokens(tokenizer, input_ids), layers, out["probs"],
+                            tuple(segments), label)
 
 
 def capture_row(model, tokenizer, template, row: dict, *, few_shot: bool = True, **kwargs) -> AttentionCapture:
-    """Capture a template-rendered data row, with its system/example/user/answer spans."""
+    """Capture a template-rendered data row, with its system/example/user/answer spans.
+
+    Takes ``capture_attention``'s keywords (``layers=``, ``max_bytes=``, ``label=``)."""
     r = template.render(row, tokenizer, with_examples=few_shot)
     return capture_attention(model, tokenizer, input_ids=r.input_ids, segments=r.segments, **kwargs)
 
@@ -244,7 +345,7 @@ class AttentionDiff:
     def change(self) -> np.ndarray:
         """Per layer x head: mean over query tokens of the total variation distance between
         the two attention rows (0 = identical, 1 = disjoint)."""
-        return 0.5 * np.abs(self.delta).sum(-1).mean(-1)
+        return np.stack([0.5 * np.abs(d).sum(-1).mean(-1) for d in self.delta])  # a layer at a time
 
 
 def diff_captures(before: AttentionCapture, after: AttentionCapture) -> AttentionDiff:
@@ -254,13 +355,22 @@ def diff_captures(before: AttentionCapture, after: AttentionCapture) -> Attentio
             "difference needs the same tokens: compare prompts of the same tokenization, or compare summaries")
     if before.layers != after.layers:
         raise ValueError(f"the two captures hold different layers ({before.layers} vs {after.layers})")
-    delta = after.probs.astype(np.float32) - before.probs.astype(np.float32)
+    delta = after.probs.astype(np.float32)
+    np.subtract(delta, before.probs, out=delta)  # no second float32 copy
     return AttentionDiff(before, after, delta)
 
 
-def adapter_diff(model, tokenizer, text: str | None = None, **kwargs) -> AttentionDiff:
-    """Base model vs fine-tuned adapter on the same input: one loaded model, adapter off then on."""
+def adapter_diff(model, tokenizer, text: str | None = None, *, input_ids: Sequence[int] | None = None,
+                 layers: Sequence[int] | None = None, segments: Sequence[Segment] = (),
+                 max_bytes: int | None = None) -> AttentionDiff:
+    """Base model vs fine-tuned adapter on the same input: one loaded model, adapter off then on.
+
+    ``max_bytes`` bounds the whole: both captures and their float32 difference, checked
+    before either forward pass.
+    """
+    input_ids, modules, layers, n_heads = _plan_capture(model, tokenizer, text, input_ids, layers)
+    check_capture_size(len(input_ids), layers, n_heads, max_bytes, diff=True)
     with adapter_disabled(model):
-        before = capture_attention(model, tokenizer, text, label="base", **kwargs)
-    after = capture_attention(model, tokenizer, text, label="adapter", **kwargs)
+        before = _capture(model, tokenizer, input_ids, modules, layers, segments, "base")
+    after = _capture(model, tokenizer, input_ids, modules, layers, segments, "adapter")
     return diff_captures(before, after)

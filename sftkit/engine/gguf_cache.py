@@ -8,7 +8,9 @@ read the cached folder (about 0.3 s).
 
 Writes are atomic: the folder is built under a temporary name and renamed into
 place, with a marker file written last, so a killed conversion never leaves a
-folder that looks complete.
+folder that looks complete. Its temporary folder (``.tmp-<key>-<pid>``) is removed by
+the next conversion or cached load: when that pid no longer runs, or nothing was written
+in it for ``STALE_TEMP_SECONDS``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -24,6 +27,68 @@ from ..core.errors import UnsupportedModelError
 from ..core.paths import models_cache_dir
 
 MARKER = "sftkit-converted.json"
+STALE_TEMP_SECONDS = 30 * 60  # a temporary folder nothing wrote to for this long is abandoned
+_TEMP_NAME = re.compile(r"^\.tmp-(?P<key>.+-[0-9a-f]{12})-(?P<pid>[0-9]+)$")  # convert_gguf's temp folders
+
+
+def _temp_name(final: Path) -> Path:
+    return final.parent / f".tmp-{final.name}-{os.getpid()}"
+
+
+def _pid_running(pid: int) -> bool:
+    if pid == os.getpid():
+        return True  # a conversion in another thread of this process
+    if os.name == "nt":
+        return True  # os.kill would end it there; the age rule decides
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it runs, as another user
+        return True
+    return True
+
+
+def _last_write(folder: Path) -> float:
+    newest = folder.stat().st_mtime
+    for root, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            try:
+                newest = max(newest, os.stat(os.path.join(root, name)).st_mtime)
+            except FileNotFoundError:
+                pass
+    return newest
+
+
+def clean_stale_temp_folders(folder: str | Path | None = None, *, max_age_s: float | None = None) -> list[Path]:
+    """Remove what killed conversions left in the models cache; return the removed folders.
+
+    Only folders named like convert_gguf's own (``.tmp-<name>-<12 hex>-<pid>``), and only when
+    the pid in the name no longer runs or nothing was written in the folder for ``max_age_s``
+    (``STALE_TEMP_SECONDS``; covers a pid reused after a restart). A running conversion's folder
+    is left alone.
+    """
+    folder = Path(folder) if folder is not None else models_cache_dir()
+    limit = STALE_TEMP_SECONDS if max_age_s is None else max_age_s
+    removed = []
+    try:
+        entries = list(folder.iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return removed
+    now = time.time()
+    for entry in sorted(entries):
+        m = _TEMP_NAME.match(entry.name)
+        if not m or entry.is_symlink() or not entry.is_dir():
+            continue
+        try:
+            stale = not _pid_running(int(m["pid"])) or now - _last_write(entry) > limit
+        except FileNotFoundError:  # finished (renamed) or removed meanwhile
+            continue
+        if stale:
+            shutil.rmtree(entry, ignore_errors=True)
+            if not entry.exists():
+                removed.append(entry)
+    return removed
 
 
 def gguf_architecture(path: str | Path) -> str:
@@ -84,7 +149,11 @@ def cached_folder(path: str | Path) -> Path | None:
 
 
 def convert_gguf(path: str | Path, *, progress=None) -> Path:
-    """Convert ``path`` into the cache (if not there yet) and return the folder."""
+    """Convert ``path`` into the cache (if not there yet) and return the folder.
+
+    Removes temporary folders that killed conversions left behind (``clean_stale_temp_folders``).
+    """
+    clean_stale_temp_folders()
     existing = cached_folder(path)
     if existing is not None:
         return existing
@@ -96,7 +165,7 @@ def convert_gguf(path: str | Path, *, progress=None) -> Path:
     path = Path(path).resolve()
     final = models_cache_dir() / cache_key(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    tmp = _temp_name(final)
     shutil.rmtree(tmp, ignore_errors=True)
     started = time.perf_counter()
     if progress:

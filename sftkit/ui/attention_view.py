@@ -15,7 +15,7 @@ import ipywidgets as W
 import numpy as np
 import plotly.graph_objects as go
 
-from ..engine.attention import AttentionCapture, AttentionDiff
+from ..engine.attention import AttentionCapture, AttentionDiff, AttentionTooLargeError
 from . import figures
 
 
@@ -24,7 +24,43 @@ class AttentionView:
 
     Click a grid cell to open that head; move the layer/head controls, the token window,
     and the query row ("what does token i attend to").
+
+    ``AttentionView.from_model`` captures and opens in one step; a capture over the memory
+    limit then shows its error (the numbers and the way out) in the view's message area.
     """
+
+    error: str | None = None
+
+    @classmethod
+    def from_model(cls, model, tokenizer, text: str | None = None, *, compare_adapter: bool = False,
+                   max_window: int = 256, **capture_kwargs) -> "AttentionView":
+        """Capture ``text`` (or ``input_ids=``) and view it; ``compare_adapter``: base vs adapter.
+
+        ``capture_kwargs`` go to ``capture_attention`` / ``adapter_diff`` (``layers=``,
+        ``max_bytes=``, ``input_ids=``, ``segments=``). A capture the size check refuses gives a
+        view that shows the message instead of raising.
+        """
+        from ..engine.attention import adapter_diff, capture_attention
+
+        try:
+            if compare_adapter:
+                data = adapter_diff(model, tokenizer, text, **capture_kwargs)
+            else:
+                data = capture_attention(model, tokenizer, text, **capture_kwargs)
+        except AttentionTooLargeError as exc:
+            return cls.failed(str(exc))
+        return cls(data, max_window=max_window)
+
+    @classmethod
+    def failed(cls, message: str) -> "AttentionView":
+        """A view with nothing to draw: the message area says why."""
+        self = cls.__new__(cls)
+        self.data = self.capture = None
+        self.diff = False
+        self.error = message
+        self.info = W.HTML(f'<span style="color:#b91c1c">{html.escape(message)}</span>')
+        self.widget = W.VBox([W.HTML("<b>Attention</b>: nothing captured"), self.info])
+        return self
 
     def __init__(self, data: AttentionCapture | AttentionDiff, *, max_window: int = 256):
         self.data = data
@@ -116,6 +152,8 @@ class AttentionView:
 
     # ---- rendering --------------------------------------------------------------------
     def refresh_grid(self) -> None:
+        if self.data is None:
+            return
         values = self.grid_values()
         diverging = self.diff and self.summary.value != "change"
         lo, hi = float(values.min()), float(values.max())
@@ -127,6 +165,8 @@ class AttentionView:
             b.style.text_color = "#ffffff" if not diverging and (hi <= lo or (v - lo) / (hi - lo) < 0.5) else "#111111"
 
     def refresh_map(self) -> None:
+        if self.data is None:
+            return
         lo, hi = self.window
         m = self.shown_map()
         labels = figures.token_labels(self.capture.tokens[lo:hi], start=lo)
@@ -143,6 +183,8 @@ class AttentionView:
 
     def refresh_row(self, labels: list[str] | None = None) -> None:
         """The row view: what the chosen query token attends to, over the window's keys."""
+        if self.data is None:
+            return
         lo, hi = self.window
         labels = labels or figures.token_labels(self.capture.tokens[lo:hi], start=lo)
         q = int(self.query.value)
@@ -158,6 +200,8 @@ class AttentionView:
     # ---- static export --------------------------------------------------------------------
     def figures(self) -> list[go.Figure]:
         """Plain figures of what is on screen: the grid, the head map and the row."""
+        if self.data is None:
+            return []
         diverging = self.diff and self.summary.value != "change"
         return [figures.grid_figure(self.grid_values(), self.capture.layers, title=f"{self.summary.value} per head",
                                     diverging=diverging),
