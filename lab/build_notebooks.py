@@ -1,5 +1,6 @@
 """Writes the workshop notebooks under notebooks/ (run after editing; the .ipynb files are committed)."""
 
+import copy
 from pathlib import Path
 
 import nbformat as nbf
@@ -59,7 +60,7 @@ NOTEBOOKS["01_prompt_builder.ipynb"] = [
        "bug: train on nothing and the loss is meaningless; forget the end-of-turn token and the "
        "model never learns to stop. Here you build the prompt and watch the mask as you type."),
     code("import sftkit\n"
-         "from sftkit.core.data import split_rows\n"
+         "from sftkit import split_rows\n"
          "from sftkit.ui import PromptBuilder\n\n"
          'model, tokenizer = sftkit.load_model("default")'),
     md("## A teaching task\n\n"
@@ -89,7 +90,7 @@ NOTEBOOKS["01_prompt_builder.ipynb"] = [
     md("## The \"before\": how well does prompting alone do?\n\n"
        "Accuracy on held-out rows the model has never seen, zero-shot and with three examples, "
        "with a 95% confidence interval. This is the number fine-tuning has to beat."),
-    code("from sftkit.engine.generate import score_prompting\n\n"
+    code("from sftkit import score_prompting\n\n"
          "for few in (False, True):\n"
          "    tpl = task.template.with_examples(train[:3]) if few else task.template\n"
          "    print(score_prompting(model, tokenizer, tpl, held_out[:30], task.scorer, few_shot=few, max_new_tokens=16))"),
@@ -116,7 +117,7 @@ NOTEBOOKS["02_layer_picker.ipynb"] = [
     md("## Presets side by side\n\n"
        "The same model, five ways to fine-tune it: trainable parameters and the estimated memory for "
        "batch 8 x 128 tokens in fp32 (weights + gradients + AdamW states + activations)."),
-    code("from sftkit.engine.freeze import FreezePlan\n\n"
+    code("from sftkit import FreezePlan\n\n"
          'print(f"{\'plan\':32} {\'trainable\':>12} {\'%\':>7} {\'memory\':>10}")\n'
          "for name, top in [('lora_attention', None), ('lora_all_linear', None), ('lora_top_blocks', 8),\n"
          "                  ('freeze_tuning', 4), ('bitfit', None)]:\n"
@@ -126,7 +127,7 @@ NOTEBOOKS["02_layer_picker.ipynb"] = [
          '    print(f"{p.label:32} {n:>12,} {100 * n / anatomy.total_params:>6.2f}% {est.total / 2**20:>7,.0f} MiB")'),
     md("## Does the estimate hold?\n\n"
        "Apply the plan to a fresh copy of the model, run one real training step and count the bytes."),
-    code("from sftkit.engine.measure import measure_training_step\n\n"
+    code("from sftkit import measure_training_step\n\n"
          'fresh = sftkit.load_model("default").model\n'
          "est = plan.memory_estimate(anatomy, batch_size=2, seq_len=64)\n"
          "m = measure_training_step(plan.apply(fresh, anatomy), 2, 64)\n"
@@ -142,7 +143,7 @@ NOTEBOOKS["03_attention.ipynb"] = [
        "out it is, how much it looks at the first token or at the previous one, or at the parts of the "
        "prompt). Click a cell to open that head's map; the row plot shows what one token attends to."),
     code("import sftkit\n"
-         "from sftkit.engine.attention import capture_row, adapter_diff\n"
+         "from sftkit import capture_row, adapter_diff\n"
          "from sftkit.ui import AttentionView\n\n"
          'model, tokenizer = sftkit.load_model("default")\n'
          'task = sftkit.teaching_task("dates")\n'
@@ -157,7 +158,7 @@ NOTEBOOKS["03_attention.ipynb"] = [
        "A few steps of LoRA on the dates task (written out by hand here; the run launcher does this "
        "properly), then the same prompt through the base model (adapter off) and the adapter (on)."),
     code("import torch\n"
-         "from sftkit.engine.freeze import FreezePlan\n\n"
+         "from sftkit import FreezePlan\n\n"
          "anatomy = sftkit.inspect_model(model)\n"
          'peft_model = FreezePlan.preset("lora_attention", anatomy, rank=8).apply(model, anatomy)\n'
          "opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-3)\n\n"
@@ -232,8 +233,7 @@ NOTEBOOKS["04_training.ipynb"] = [
        "`adapter/` is a plain peft adapter: `PeftModel.from_pretrained(base_model, run_folder / "
        "\"adapter\")` loads it anywhere. `sftkit.load_trained(run)` does exactly that with the run's "
        "base model. Here it answers held-out rows without any examples in the prompt."),
-    code("from sftkit.core.rundata import run_rows\n"
-         "from sftkit.engine.generate import answer_rows\n\n"
+    code("from sftkit import answer_rows, run_rows\n\n"
          "run = launcher.handle.run\n"
          "tuned, tokenizer = sftkit.load_trained(run)\n"
          "held_out = run_rows(run.config()).eval[:8]\n"
@@ -260,12 +260,28 @@ NOTEBOOKS["04_training.ipynb"] = [
          "print(sorted(p.name for p in merged.iterdir()))"),
 ]
 
-out_dir = Path(__file__).resolve().parents[1] / "notebooks"
-for name, nb_cells in NOTEBOOKS.items():
-    for i, cell in enumerate(nb_cells):
-        cell.id = f"{Path(name).stem[:2]}-{i:02d}"  # stable ids: regenerating changes nothing
-    nb = nbf.v4.new_notebook(cells=nb_cells)
-    nb.metadata["kernelspec"] = {"name": "sftkit", "display_name": "sftkit (Python 3)", "language": "python"}
-    nb.metadata["language_info"] = {"name": "python"}
-    nbf.write(nb, str(out_dir / name))
-    print("wrote", out_dir / name)
+OUT_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+
+
+def build() -> dict:
+    """The notebooks, in memory: file name -> nbformat notebook (what ``main`` writes)."""
+    notebooks = {}
+    for name, nb_cells in NOTEBOOKS.items():
+        nb_cells = copy.deepcopy(nb_cells)
+        for i, cell in enumerate(nb_cells):
+            cell.id = f"{Path(name).stem[:2]}-{i:02d}"  # stable ids: regenerating changes nothing
+        nb = nbf.v4.new_notebook(cells=nb_cells)
+        nb.metadata["kernelspec"] = {"name": "sftkit", "display_name": "sftkit (Python 3)", "language": "python"}
+        nb.metadata["language_info"] = {"name": "python"}
+        notebooks[name] = nb
+    return notebooks
+
+
+def main(out_dir: Path = OUT_DIR) -> None:
+    for name, nb in build().items():
+        nbf.write(nb, str(out_dir / name))
+        print("wrote", out_dir / name)
+
+
+if __name__ == "__main__":
+    main()

@@ -5,6 +5,9 @@ loaded on first use.
 
     model, tokenizer = sftkit.load_model("default")   # bundled SmolLM2-135M-Instruct
     sftkit.doctor()                                    # what is installed, and fixes
+
+These names (and the views in ``sftkit.ui``) are the public API: the notebooks and the README
+use nothing else. ``sftkit.core`` / ``sftkit.engine`` stay importable for power users.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ _LAZY = {
     "FreezePlan": ("sftkit.engine.freeze", "FreezePlan"),
     "inspect_model": ("sftkit.engine.anatomy", "inspect_model"),
     "load_rows": ("sftkit.core.data", "load_rows"),
+    "split_rows": ("sftkit.core.data", "split_rows"),
     "teaching_task": ("sftkit.core.teaching", "teaching_task"),
     "RunConfig": ("sftkit.core.runconfig", "RunConfig"),
     "RunStore": ("sftkit.core.runstore", "RunStore"),
@@ -30,6 +34,20 @@ _LAZY = {
     "resume": ("sftkit.engine.launch", "resume"),
     "load_trained": ("sftkit.engine.output", "load_trained"),
     "merge_and_save": ("sftkit.engine.output", "merge_and_save"),
+    "launch_in_kernel": ("sftkit.engine.launch", "launch_in_kernel"),
+    "run_rows": ("sftkit.core.rundata", "run_rows"),
+    # prompting and answers
+    "score_prompting": ("sftkit.engine.generate", "score_prompting"),
+    "answer_rows": ("sftkit.engine.generate", "answer_rows"),
+    # memory
+    "measure_training_step": ("sftkit.engine.measure", "measure_training_step"),
+    # attention
+    "capture_attention": ("sftkit.engine.attention", "capture_attention"),
+    "capture_row": ("sftkit.engine.attention", "capture_row"),
+    "adapter_diff": ("sftkit.engine.attention", "adapter_diff"),
+    "diff_captures": ("sftkit.engine.attention", "diff_captures"),
+    # the base of every error sftkit raises on purpose
+    "SftkitError": ("sftkit.core.errors", "SftkitError"),
 }
 
 __all__ = ["__version__", *_LAZY]
