@@ -25,6 +25,12 @@ def private_cache(tmp_path_factory, monkeypatch) -> Path:
     return cache
 
 
+@pytest.fixture
+def cache(private_cache) -> Path:
+    """The test's own sftkit cache (device locks in it; converted models through a link)."""
+    return private_cache
+
+
 @pytest.fixture(scope="session")
 def default_model_folder() -> Path:
     """The bundled model converted into the sftkit cache (done once by `make test`'s install)."""

@@ -9,8 +9,14 @@ import sftkit
 from sftkit.core.template import Segment, Template
 from sftkit.core.tokens import TokenPiece
 from sftkit.engine.anatomy import inspect_model
-from sftkit.engine.attention import (AttentionCapture, adapter_diff, adapter_disabled, capture_attention,
-                                     capture_row, diff_captures)
+from sftkit.engine.attention import (
+    AttentionCapture,
+    adapter_diff,
+    adapter_disabled,
+    capture_attention,
+    capture_row,
+    diff_captures,
+)
 from sftkit.engine.freeze import FreezePlan
 from sftkit.ui import AttentionView
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from test_lab import linked_cache, project_copy, running_lab
+from helpers import linked_cache, project_copy, running_lab
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium")

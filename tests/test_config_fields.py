@@ -8,10 +8,30 @@ import pytest
 import yaml
 
 from sftkit.core.examples import COMMENTS, commented_yaml, example_config, example_config_yaml
-from sftkit.core.fields import (ALLOWED, HELP, WIDGET, WIDGETS, Allowed, Choice, Flag, Int, Names, Number, Text,
-                                check_fields, setting)
-from sftkit.core.runconfig import (SECTIONS, RunConfig, RunConfigError, TrainingConfig, config_fields, knob_spec,
-                                   knob_specs)
+from sftkit.core.fields import (
+    ALLOWED,
+    HELP,
+    WIDGET,
+    WIDGETS,
+    Allowed,
+    Choice,
+    Flag,
+    Int,
+    Names,
+    Number,
+    Text,
+    check_fields,
+    setting,
+)
+from sftkit.core.runconfig import (
+    SECTIONS,
+    RunConfig,
+    RunConfigError,
+    TrainingConfig,
+    config_fields,
+    knob_spec,
+    knob_specs,
+)
 
 FIELDS = dict(config_fields())
 # what other fields need for a value to be taken on its own (a preset that needs top_n, a file that needs a template)
@@ -207,6 +227,7 @@ def test_a_new_dataclass_gets_its_checks_from_one_declaration():
 def test_example_yaml_has_a_comment_above_every_field():
     lines = example_config_yaml().splitlines()
     seen = set()
+    section = ""
     for i, line in enumerate(lines):
         if not line or line.startswith("#") or line.lstrip().startswith("#"):
             continue

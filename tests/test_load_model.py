@@ -9,8 +9,13 @@ import pytest
 import torch
 
 import sftkit
-from sftkit.core.errors import (DeviceUnavailableError, ModelNotFoundError, ModelOfflineError,
-                                QuantizationUnavailableError, UnsupportedModelError)
+from sftkit.core.errors import (
+    DeviceUnavailableError,
+    ModelNotFoundError,
+    ModelOfflineError,
+    QuantizationUnavailableError,
+    UnsupportedModelError,
+)
 from sftkit.core.modelspec import find_default_gguf
 from sftkit.engine import gguf_cache
 
@@ -123,7 +128,10 @@ def test_unsupported_gguf_architecture_names_it(tmp_path, monkeypatch):
     w = GGUFWriter(str(path), arch="sftkit-test-arch")
     w.add_block_count(1)
     w.add_tensor("token_embd.weight", np.zeros((4, 4), dtype=np.float32))
-    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
     with pytest.raises(UnsupportedModelError, match=r"odd.gguf: GGUF architecture 'sftkit-test-arch'.*it loads: .*llama"):
         sftkit.load_model(str(path))
     models = gguf_cache.models_cache_dir()

@@ -11,7 +11,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from test_lab import linked_cache
+from helpers import linked_cache
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 

@@ -2,7 +2,6 @@
 
 import json
 import socket
-import os
 import subprocess
 import sys
 

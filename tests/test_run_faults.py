@@ -13,11 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from sftkit.core.runconfig import RunConfig
-from sftkit.core.runproto import ProcessId, RunState
+from sftkit.core.runproto import ProcessId
 from sftkit.core.runstore import CHECKPOINT_MARKER, DeviceLock, RunFolder, RunLock, RunStateError, RunStore, RunWriter
 
-from test_runs import cache, losses, tiny_config, wait_for  # noqa: F401 - fixtures and helpers
+from helpers import losses, make_run, tiny_config, wait_for
 
 CHECKPOINT_FILES = ("adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "scheduler.pt",
                     "trainer_state.json")
@@ -48,6 +47,10 @@ def test_kill_9_at_each_checkpoint_phase_leaves_the_last_checkpoint_loadable(pha
     wait_for(ready.exists, what=f"the run to reach {phase}")
     handle.kill()
     run = handle.run
+    # the device policy was decided once, by the launcher, and the run's record carries it
+    model = run.config().model
+    assert (model.device, model.quantization, model.dtype) == ("cpu", "none", "float32")
+    assert run.status().device == "cpu"
     assert run.state() == "interrupted"
     step, _ = assert_loadable(run)
     assert step == (2 if phase == "checkpoint_saved@4" else 4)
@@ -207,8 +210,6 @@ def test_merge_never_replaces_a_folder_it_did_not_write(tiny_llama_dir, tmp_path
 def test_kill_only_hits_the_run_process(tmp_path):
     from sftkit.engine.launch import RunHandle
 
-    from test_run_protocol import make_run
-
     # a status naming a live process whose start time is not the recorded one: a reused pid
     bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
@@ -302,8 +303,6 @@ def test_an_old_pid_only_status_is_not_trusted(tmp_path):
     """Run folders from before the protocol name a pid alone: a reused pid must not pass for the run."""
     from sftkit.engine.launch import RunHandle, check_device_free
 
-    from test_run_protocol import make_run
-
     bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
         run = make_run(tmp_path)
@@ -330,8 +329,6 @@ def test_an_in_kernel_run_whose_thread_dies_is_recorded_and_never_killed(tmp_pat
     import threading
 
     from sftkit.engine.launch import RunHandle
-
-    from test_run_protocol import make_run
 
     run = make_run(tmp_path)
     writer = RunWriter(run)

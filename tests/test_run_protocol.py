@@ -18,21 +18,24 @@ from sftkit.core import runstore
 from sftkit.core.examples import example_config
 from sftkit.core.follow import RunFollower
 from sftkit.core.runopen import DataChangedError, open_run
-from sftkit.core.runproto import (START_GRACE_S, ProcessId, ProtocolError, RunState, Status, check_transition,
-                                  effective_state, reconcile)
+from sftkit.core.runproto import (
+    START_GRACE_S,
+    ProcessId,
+    ProtocolError,
+    RunState,
+    Status,
+    check_transition,
+    effective_state,
+    reconcile,
+)
 from sftkit.core.runstore import CHECKPOINT_MARKER, RunBusyError, RunFolder, RunLock, RunStateError, RunStore, RunWriter
+
+from helpers import make_run
 
 
 def dead_pid() -> int:
     out = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     return int(out.stdout)
-
-
-def make_run(tmp_path, name="r") -> RunFolder:
-    run = RunFolder(tmp_path / "runs" / name)
-    run.path.mkdir(parents=True)
-    example_config().with_changes(store=str(tmp_path / "runs")).save(run.config_path)
-    return run
 
 
 def snapshot(folder: Path) -> dict:

@@ -1,14 +1,12 @@
 """RunLauncher and RunHistory headless: click the buttons, watch the traces grow."""
 
-import time
 
 import numpy as np
-import pytest
 
 from sftkit.core.runstore import RunStore, append_jsonl
 from sftkit.ui import run_figures
 
-from test_runs import cache, tiny_config, wait_for  # noqa: F401 - fixture reused
+from helpers import tiny_config, wait_for
 
 
 def test_curve_arrays_and_figures_are_pure():

@@ -2,14 +2,11 @@
 accelerate with two processes, merge. Runs go through the same process entry point the
 notebook and the command line use."""
 
-import json
 import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,43 +16,9 @@ from sftkit.core.runconfig import RunConfig
 from sftkit.core.runstore import DeviceBusyError, RunFolder, RunStore
 from sftkit.core.template import TemplateError
 
+from helpers import losses, tiny_config, wait_for
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def tiny_config(model_dir, store, **training) -> RunConfig:
-    t = {"max_steps": 8, "batch_size": 4, "learning_rate": 5e-3, "checkpoint_every": 2, "eval_every": 4,
-         "sample_every": 4, "sample_max_new_tokens": 4, "lr_schedule": "constant", "warmup": 0}
-    t.update(training)
-    return RunConfig.from_dict({
-        "name": "tiny", "store": str(store), "model": {"spec": str(model_dir)},
-        "data": {"source": "teaching:dates", "rows": 80, "max_eval_rows": 8, "sample_prompts": 1},
-        "adapter": {"preset": "lora_all_linear", "rank": 4, "alpha": 8.0, "dropout": 0.0},
-        "training": t,
-    })
-
-
-def wait_for(predicate, timeout=120.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def losses(run: RunFolder) -> dict[int, float]:
-    return {m["step"]: m["loss"] for m in run.metrics() if "loss" in m}
-
-
-@pytest.fixture
-def cache(tmp_path, monkeypatch, default_model_folder):
-    """Device locks in a private cache (the converted default model is found through a link)."""
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    src = default_model_folder.parents[0]
-    (cache / src.name).symlink_to(src)
-    monkeypatch.setenv("SFTKIT_CACHE_DIR", str(cache))
-    return cache
 
 
 def test_tiny_run_in_process_writes_the_whole_folder(tiny_llama_dir, tmp_path):
