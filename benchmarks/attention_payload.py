@@ -10,12 +10,11 @@ import statistics
 import time
 
 import plotly.io as pio
+from prompting_baseline import HERE, write_section
 
 import sftkit
 from sftkit.engine.attention import capture_attention
 from sftkit.ui import AttentionView
-
-from prompting_baseline import HERE, write_section
 
 
 def payload_bytes(figs) -> int:

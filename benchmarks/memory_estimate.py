@@ -7,12 +7,12 @@ model, per preset. Writes the "Memory estimate" section of benchmarks/RESULTS.md
 import argparse
 import time
 
+from prompting_baseline import HERE, write_section
+
 import sftkit
 from sftkit.engine.anatomy import inspect_model
 from sftkit.engine.freeze import FreezePlan
 from sftkit.engine.measure import measure_training_step
-
-from prompting_baseline import HERE, write_section
 
 CASES = [("lora_attention", None, False), ("lora_all_linear", None, False), ("lora_top_blocks", 8, False),
          ("freeze_tuning", 4, False), ("bitfit", None, False), ("lora_attention", None, True)]

@@ -20,10 +20,10 @@ from typing import Any, Iterator
 from .atomic import write_text_atomic
 from .errors import ConfigError
 from .fields import Choice, Flag, Float, Int, KnobSpec, Names, Text, check_fields, knob_of, setting
+from .plan import PRESETS  # the one definition, with what each preset means
 from .policy import DEVICES, DTYPES, QUANTIZATIONS
 from .template import Template
 
-from .plan import PRESETS  # the one definition, with what each preset means
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
 ATTENTION = ("sdpa", "eager")
 WARMUP_ALLOWED = "a fraction of the steps in [0, 1) or a whole number of steps"

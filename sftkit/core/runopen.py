@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from .rundata import RunRows, rows_fingerprint, run_rows
 from .runconfig import RunConfig
+from .rundata import RunRows, rows_fingerprint, run_rows
 from .runproto import RunState
 from .runstore import RunFolder, RunLock, RunStateError, RunStore, RunWriter
 

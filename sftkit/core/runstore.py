@@ -36,8 +36,21 @@ from pathlib import Path
 from .atomic import write_text_atomic
 from .errors import ConfigError
 from .paths import cache_dir
-from .runproto import (ACTIVE_STATES, END_STATES, HEARTBEAT_S, SCHEMA_VERSION, Event, Metric, ProcessId, Reading,
-                       RunState, Status, check_transition, effective_state, sample_row)
+from .runproto import (
+    ACTIVE_STATES,
+    END_STATES,
+    HEARTBEAT_S,
+    SCHEMA_VERSION,
+    Event,
+    Metric,
+    ProcessId,
+    Reading,
+    RunState,
+    Status,
+    check_transition,
+    effective_state,
+    sample_row,
+)
 
 __all__ = ["ACTIVE_STATES", "END_STATES", "CHECKPOINT_MARKER", "RunStateError", "RunBusyError", "RunFolder",
            "RunWriter", "RunStore", "RunSummary", "DeviceLock", "DeviceBusyError", "busy_message", "read_jsonl",

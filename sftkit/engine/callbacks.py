@@ -29,8 +29,8 @@ from transformers import TrainerCallback
 
 from ..core.atomic import write_text_atomic
 from ..core.faults import fault_point, fault_raise
-from ..core.rundata import RunRows
 from ..core.runconfig import RunConfig
+from ..core.rundata import RunRows
 from ..core.runproto import RunState
 from ..core.runstore import CHECKPOINT_MARKER, RunFolder, RunWriter
 from ..core.template import as_text

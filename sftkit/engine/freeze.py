@@ -12,8 +12,15 @@ turns a core plan into one.
 from __future__ import annotations
 
 from ..core.anatomy import Anatomy, anatomy_numbers
-from ..core.plan import (NEEDS_TOP_N, PRESET_MEANINGS, PRESETS, PlanError, PresetChoice, ResolvedPlan,
-                         adapter_config_from_plan)
+from ..core.plan import (
+    NEEDS_TOP_N,
+    PRESET_MEANINGS,
+    PRESETS,
+    PlanError,
+    PresetChoice,
+    ResolvedPlan,
+    adapter_config_from_plan,
+)
 from ..core.plan import FreezePlan as CoreFreezePlan
 from .anatomy import base_model_of, inspect_model
 

@@ -19,8 +19,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
-from ..core.rundata import RowReport, RunRows, render_rows
 from ..core.runconfig import RunConfig
+from ..core.rundata import RowReport, RunRows, render_rows
 from ..core.runproto import RunState
 from ..core.runstore import RunFolder, RunStateError, RunWriter
 from .callbacks import RunContext, generate_samples, run_callbacks

@@ -23,8 +23,8 @@ from transformers import Trainer
 
 from ..core.errors import ConfigError
 from ..core.faults import fault_point
-from ..core.rundata import render_rows, run_rows
 from ..core.runconfig import AdapterConfig, RunConfig
+from ..core.rundata import render_rows, run_rows
 from ..core.runopen import OpenRun, open_run
 from ..core.runproto import RunState
 from ..core.runstore import DeviceLock, RunFolder, RunStateError, RunWriter

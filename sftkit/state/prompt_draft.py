@@ -25,8 +25,16 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from ..core.data import load_rows
-from ..core.template import (RenderedExample, Template, TemplateError, ValidationReport, _first, as_text,
-                             check_pattern_columns, placeholders)
+from ..core.template import (
+    RenderedExample,
+    Template,
+    TemplateError,
+    ValidationReport,
+    _first,
+    as_text,
+    check_pattern_columns,
+    placeholders,
+)
 from ..core.tokens import TokenPiece, readable_tokens
 
 EXAMPLES, PREVIEW, MESSAGES = "examples", "preview", "messages"
