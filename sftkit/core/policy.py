@@ -85,6 +85,7 @@ def _normalize(value: str, allowed: tuple[str, ...], name: str) -> str:
     return v
 
 
+# Long on purpose: one decision table read top to bottom, each choice next to the reason it records.
 def decide_load_plan(
     facts: HardwareFacts,
     *,

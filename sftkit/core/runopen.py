@@ -51,6 +51,7 @@ def check_data_unchanged(run: RunFolder, fingerprint: str, *, allow_changed_data
             "allow_changed_data (--allow-changed-data) to accept it.")
 
 
+# Long on purpose: the checks before the lock and again under it must read together.
 def open_run(cfg: RunConfig, run: RunFolder | str | Path | None = None, *, resume: bool = False,
              allow_changed_data: bool = False, max_steps: int | None = None, mode: str = "process") -> OpenRun:
     """Take ``run`` (a new folder in the config's store when None) for this process.

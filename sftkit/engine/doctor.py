@@ -76,6 +76,7 @@ def _gib(n: int | None) -> str:
     return "unknown" if n is None else f"{n / 2**30:.1f} GiB"
 
 
+# Long on purpose: the checks in the order the report shows them, one block each.
 def run_doctor() -> DoctorReport:
     checks: list[Check] = []
     py = sys.version_info
