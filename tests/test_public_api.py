@@ -56,7 +56,13 @@ def _dotted(node: ast.AST) -> str | None:
 
 
 def _internal(module: str) -> bool:
-    return any(module == p or module.startswith(p + ".") for p in INTERNAL)
+    """core/engine/state and the ui's own modules (``sftkit.ui.run_launcher``): not the public face."""
+    if any(module == p or module.startswith(p + ".") for p in INTERNAL):
+        return True
+    import sftkit.ui
+
+    parts = module.split(".")
+    return len(parts) > 2 and parts[1] == "ui" and parts[2] not in sftkit.ui.__all__
 
 
 def scan(where: str, offset: int, source: str) -> tuple[list[str], list[tuple[str, str, str]]]:

@@ -47,10 +47,8 @@ def test_kill_9_at_each_checkpoint_phase_leaves_the_last_checkpoint_loadable(pha
     wait_for(ready.exists, what=f"the run to reach {phase}")
     handle.kill()
     run = handle.run
-    # the device policy was decided once, by the launcher, and the run's record carries it
-    model = run.config().model
-    assert (model.device, model.quantization, model.dtype) == ("cpu", "none", "float32")
-    assert run.status().device == "cpu"
+    # the device policy was decided once, by the run process, and its status carries it
+    assert run.status().device == "cpu" and run.status().plan.startswith("CPU")
     assert run.state() == "interrupted"
     step, _ = assert_loadable(run)
     assert step == (2 if phase == "checkpoint_saved@4" else 4)

@@ -147,7 +147,7 @@ class MetricsCallback(TrainerCallback):
         record: dict = {"step": step, "epoch": round(float(state.epoch or 0), 4), "time": time.time()}
         if "eval_loss" in logs:
             record["eval_loss"] = logs["eval_loss"]
-            self._time = time.perf_counter()  # eval time is not training time
+            self._time, ctx.paused_s = time.perf_counter(), 0.0  # eval (and sample) time is not training time
         if "loss" in logs:
             now = time.perf_counter()
             dt = max(now - (self._time or now) - ctx.paused_s, 1e-9)

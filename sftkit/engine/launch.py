@@ -140,17 +140,6 @@ class RunHandle:
         return self.follower.wait(timeout)
 
 
-def with_policy(cfg: RunConfig) -> RunConfig:
-    """The config with the device policy decided (``auto`` resolved to this machine's device,
-    quantization and dtype). Decided once, here, and carried in the run's config.yaml: the run
-    process, the device lock and the views all read the same decision."""
-    from .models import plan_load
-
-    m = cfg.model
-    plan = plan_load(m.quantization, m.device, m.dtype, m.attn_implementation)
-    return cfg.with_changes(model={"device": plan.device, "quantization": plan.quantization, "dtype": plan.dtype})
-
-
 def device_key(cfg: RunConfig) -> str:
     from .models import plan_load
 
@@ -219,7 +208,7 @@ def _new_run_folder(cfg: RunConfig, message: str):
 def launch(cfg: RunConfig, *, env: dict | None = None) -> RunHandle:
     """Check the config's data (rendered), template and device, make the run folder, start
     ``sftkit train`` on it."""
-    cfg = with_policy(cfg.with_paths_from(Path.cwd()))  # no working directory, no "auto" in the run's record
+    cfg = cfg.with_paths_from(Path.cwd())  # the run folder's config must not depend on a working directory
     checked = preflight(cfg)
     check_device_free(cfg)
     run, launched = _new_run_folder(cfg, "starting the run process")
@@ -251,7 +240,7 @@ def launch_in_kernel(cfg: RunConfig) -> RunHandle:
     from .train import run_training
 
     _import_training_stack()
-    cfg = with_policy(cfg.with_paths_from(Path.cwd()))
+    cfg = cfg.with_paths_from(Path.cwd())
     checked = preflight(cfg)
     check_device_free(cfg)
     opened = open_run(cfg, mode="thread")

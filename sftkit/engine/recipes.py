@@ -50,12 +50,18 @@ class DataParts:
 
 @dataclass(frozen=True)
 class Setting:
-    """Where the run trains: decided once per run (the device policy) and passed to every step."""
+    """Where the run trains: the device policy, decided once by the run process (``run_training``)
+    and passed to every step; the model is loaded with these values, not decided again."""
 
     device: str
     compute_dtype: str
-    quantized: bool
+    quantization: str
+    dtype: str
     world: int = 1
+
+    @property
+    def quantized(self) -> bool:
+        return self.quantization != "none"
 
 
 def build_model(cfg: RunConfig, setting: Setting) -> ModelParts:
@@ -66,8 +72,8 @@ def build_model(cfg: RunConfig, setting: Setting) -> ModelParts:
     from .train import build_plan, keep_4bit_layers_in_train_mode
 
     set_seed(cfg.training.seed)  # adapter initialisation too: the same seed gives the same run
-    model, tokenizer = load_model(cfg.model.spec, quantization=cfg.model.quantization, device=cfg.model.device,
-                                  dtype=cfg.model.dtype, attn_implementation=cfg.model.attn_implementation)
+    model, tokenizer = load_model(cfg.model.spec, quantization=setting.quantization, device=setting.device,
+                                  dtype=setting.dtype, attn_implementation=cfg.model.attn_implementation)
     model.config.use_cache = False  # packed batches stay apart only without a KV cache
     anatomy = inspect_model(model)
     plan = build_plan(cfg.adapter, anatomy)

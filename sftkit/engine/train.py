@@ -172,9 +172,11 @@ def _share_run_folder(cfg: RunConfig, run: RunFolder | None, setting) -> RunFold
     if setting.world == 1:
         return run
     import torch.distributed as dist
+    from transformers import TrainingArguments
 
-    _ = build_training_arguments(cfg, "checkpoints", device=setting.device, compute_dtype=setting.compute_dtype,
-                                 has_eval=False).device  # joins the process group
+    # minimal arguments: joining the process group must not depend on the run's own settings
+    _ = TrainingArguments(output_dir=str(run.path if run is not None else "."), use_cpu=setting.device == "cpu",
+                          report_to="none").device
     box = [str(run.path) if run is not None else None]
     dist.broadcast_object_list(box, src=0)
     return RunFolder(box[0])
@@ -254,7 +256,7 @@ def run_training(cfg: RunConfig, run: RunFolder | None = None, *, resume: bool =
             signal.signal(signal.SIGTERM, on_signal)
         from .recipes import RECIPES, Setting
 
-        setting = Setting(device, plan_words.compute_dtype, plan_words.quantization != "none", world)
+        setting = Setting(device, plan_words.compute_dtype, plan_words.quantization, plan_words.dtype, world)
         run = _share_run_folder(cfg, run, setting)
         return RECIPES["sft"](cfg, run, writer, opened.rows if opened is not None else run_rows(cfg), setting,
                               resume=resume, stop_signal=stop_signal, process_started=_process_start_time())

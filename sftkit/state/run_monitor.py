@@ -187,9 +187,7 @@ class RunControl:
         if plan is not None:
             if anatomy is None:
                 raise SftkitError("plan= needs anatomy= too (picker.anatomy): the config stores module names")
-            from ..engine.train import adapter_config_from_plan
-
-            changes["adapter"] = adapter_config_from_plan(plan, anatomy).__dict__
+            changes["adapter"] = plan.to_adapter(anatomy).__dict__
         rows = None
         if data is not None:
             if isinstance(data, (list, tuple)):

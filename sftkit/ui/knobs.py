@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+
 import ipywidgets as W
 
 
@@ -17,14 +19,18 @@ def knob_widget(dotted: str, value, style, layout) -> W.Widget:
         return W.Checkbox(value=bool(value), description=spec.label, indent=False, description_tooltip=spec.help)
     if spec.kind == "choice":
         return W.Dropdown(options=list(spec.choices), value=value, **common)
+    # a widget's range always covers the current value: a widget never clamps a valid setting silently
     if spec.kind == "log_float":
-        return W.FloatLogSlider(value=value, base=10, min=spec.log_min, max=spec.log_max, step=spec.step or 0.1,
-                                readout_format=".1e", **common)
+        here = math.log10(value) if value and value > 0 else spec.log_min
+        return W.FloatLogSlider(value=value, base=10, min=min(spec.log_min, math.floor(here)),
+                                max=max(spec.log_max, math.ceil(here)), step=spec.step or 0.1, readout_format=".1e",
+                                **common)
     if spec.kind == "int":
-        return W.BoundedIntText(value=value if value is not None else 0, min=int(spec.widget_min),
-                                max=int(spec.widget_max), **common)
+        v = value if value is not None else 0
+        return W.BoundedIntText(value=v, min=min(int(spec.widget_min), v), max=max(int(spec.widget_max), v), **common)
     if spec.kind == "float":
-        return W.BoundedFloatText(value=value, min=spec.widget_min, max=spec.widget_max, **common)
+        return W.BoundedFloatText(value=value, min=min(spec.widget_min, value), max=max(spec.widget_max, value),
+                                  **common)
     return W.Text(value=str(value), **common)
 
 
@@ -38,5 +44,5 @@ def knob_value(dotted: str, widget: W.Widget):
     if spec.kind == "log_float":
         return float(f"{value:.3g}")
     if spec.kind == "text":
-        return value.strip() or "run"
+        return value.strip() or spec.default
     return value

@@ -69,6 +69,7 @@ class LayerPicker:
         self.seq_len = W.BoundedIntText(min=8, max=131072, description="Seq len", layout=W.Layout(width="170px"))
         self.checkpointing = W.Checkbox(description="Gradient checkpointing", indent=False)
         self.counters, self.messages = W.HTML(), W.HTML()
+        self._syncing = False
         self._sync_controls()
         self.grid = self._build_grid()
 
@@ -81,7 +82,7 @@ class LayerPicker:
             "checkpointing": lambda v: ed.set_budget(gradient_checkpointing=v),
             **{g: (lambda v, g=g: ed.set_group(g, v)) for g in GROUPS}}
         for name, setter in setters.items():
-            getattr(self, name).observe(lambda ch, f=setter: f(ch["new"]), names="value")
+            getattr(self, name).observe(lambda ch, f=setter: None if self._syncing else f(ch["new"]), names="value")
         self.apply_preset_button.on_click(lambda _: self.apply_preset())
         ed.on_change(self._redraw)
 
@@ -155,9 +156,15 @@ class LayerPicker:
                   self.batch_size: ed.batch_size, self.seq_len: ed.seq_len,
                   self.checkpointing: ed.gradient_checkpointing}
         values.update({getattr(self, g): ed.groups[g] for g in GROUPS})
-        for widget, value in values.items():
-            if widget.value != value:
-                widget.value = value
+        self._syncing = True  # showing the editor's values must not write them back (a box may clamp)
+        try:
+            for widget, value in values.items():
+                if widget.value != value:
+                    if hasattr(widget, "max") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                        widget.max, widget.min = max(widget.max, value), min(widget.min, value)
+                    widget.value = value
+        finally:
+            self._syncing = False
 
     def _redraw(self, event: str) -> None:
         ed, a = self.editor, self.anatomy
