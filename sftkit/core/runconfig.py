@@ -78,7 +78,7 @@ class DataConfig:
                                         allowed=Int(1, null="no cap"), widget="int")
     split_seed: int = setting(0, help="the same seed gives the same split", allowed=Int(), widget="int")
     sample_prompts: int = setting(3, help="held-out rows the run answers every training.sample_every steps",
-                                  allowed=Int(0, 8), widget="int")
+                                  allowed=Int(0, 8, note="held-out rows generated from during the run"), widget="int")
 
     def __post_init__(self):
         check_fields(self, "data", RunConfigError)
@@ -99,7 +99,8 @@ class AdapterConfig:
     preset: str = setting("lora_attention", help="what trains, before the additions and removals below",
                           allowed=Choice(PRESETS), widget="choice")
     top_n: int | None = setting(None, help="lora_top_blocks / freeze_tuning: how many of the last blocks",
-                                allowed=Int(1, null=""), widget="int", label="top blocks")
+                                allowed=Int(1, null="", note="how many of the last blocks"), widget="int",
+                                label="top blocks")
     embeddings: bool = setting(False, help="also train the input embeddings", allowed=Flag(), widget="bool")
     head: bool = setting(False, help="also train the output head", allowed=Flag(), widget="bool")
     rank: int = setting(16, help="LoRA rank (the inner size of each update)", allowed=Int(1, 1024), widget="int")
@@ -159,7 +160,8 @@ class TrainingConfig:
                             help="each batch as one padding-free sequence (rows kept apart: no cross-row attention)")
     group_by_length: bool = setting(False, allowed=Flag(), widget="bool", label="group by length",
                                     help="batch rows of similar length together: less padding, a less random order")
-    checkpoint_every: int = setting(50, help="optimizer steps between resumable checkpoints", allowed=Int(1),
+    checkpoint_every: int = setting(50, help="optimizer steps between resumable checkpoints",
+                                    allowed=Int(1, note="optimizer steps between checkpoints"),
                                     widget="int", label="checkpoint every")
     keep_checkpoints: int = setting(2, help="how many checkpoints to keep", allowed=Int(1), widget="int")
     sample_every: int = setting(0, help="steps between sample generations", allowed=Int(0, note="0: only at the end"),
