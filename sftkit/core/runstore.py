@@ -316,6 +316,16 @@ class RunFolder:
             seconds=status.seconds, message=reading.message)
 
 
+def _unlock(fd: int | None) -> None:
+    """Release an OS file lock taken on ``fd`` and close it (nothing when None)."""
+    if fd is not None:
+        import fcntl
+
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+    return None
+
+
 class RunLock:
     """The run's own lock: one process writes a run folder at a time (an OS lock on run.lock,
     gone with the process even after ``kill -9``)."""
@@ -341,12 +351,7 @@ class RunLock:
         self._fd = fd
 
     def release(self) -> None:
-        if self._fd is not None:
-            import fcntl
-
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
+        self._fd = _unlock(self._fd)
 
 
 class RunWriter:
@@ -545,12 +550,7 @@ class DeviceLock:
         self._fd = fd
 
     def release(self) -> None:
-        if self._fd is not None:
-            import fcntl
-
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
+        self._fd = _unlock(self._fd)
 
 
 def busy_message(device: str, holder: dict) -> str:

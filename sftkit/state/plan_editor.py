@@ -16,6 +16,7 @@ from ..core.anatomy import Anatomy
 from ..core.memory import MemoryEstimate
 from ..core.plan import NEEDS_TOP_N, PRESET_MEANINGS, PRESETS, PlanError
 from ..engine.freeze import FreezePlan
+from .observable import Observable
 
 # An estimate above this share of the device's memory "won't fit": the activation estimate is
 # within about 20% (README), and the allocator, the CUDA context and fragmentation need the rest.
@@ -35,7 +36,7 @@ def size_text(n: int) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:,.0f} MiB"
 
 
-class PlanEditor:
+class PlanEditor(Observable):
     """Edit what trains, block by block, and follow the cost.
 
     anatomy: the model's anatomy (``sftkit.engine.anatomy.inspect_model``); ``for_model`` makes
@@ -82,14 +83,6 @@ class PlanEditor:
                    device_name=name, **kwargs)
 
     # ---- notifications -----------------------------------------------------------------
-    def on_change(self, callback: Callable[[str], None]) -> Callable[[], None]:
-        """Call ``callback(event)`` after each change; returns a function that unsubscribes it."""
-        self._listeners.append(callback)
-        return lambda: self._listeners.remove(callback) if callback in self._listeners else None
-
-    def _notify(self, event: str) -> None:
-        for callback in list(self._listeners):
-            callback(event)
 
     def _refuse(self, exc: PlanError) -> bool:
         self.error = str(exc)

@@ -36,6 +36,7 @@ from ..core.template import (
     placeholders,
 )
 from ..core.tokens import TokenPiece, readable_tokens
+from .observable import Observable
 
 EXAMPLES, PREVIEW, MESSAGES = "examples", "preview", "messages"
 MODES = ("zero-shot", "few-shot")
@@ -118,7 +119,7 @@ class TryResult:
         return f"{self.new_tokens} tokens in {self.seconds:.1f} s"
 
 
-class PromptDraft:
+class PromptDraft(Observable):
     """A Template under edit, with the preview of one data row and the actions on it.
 
     rows: the data (list of dicts, a .jsonl/.csv path, or a datasets.Dataset).
@@ -159,14 +160,6 @@ class PromptDraft:
         self.refresh()
 
     # ---- listeners ------------------------------------------------------------------------
-    def on_change(self, callback: Callable[[str], None]) -> Callable[[], None]:
-        """Call ``callback(event)`` after each change; returns a function that unsubscribes it."""
-        self._listeners.append(callback)
-        return lambda: self._listeners.remove(callback) if callback in self._listeners else None
-
-    def _notify(self, event: str) -> None:
-        for callback in list(self._listeners):
-            callback(event)
 
     # ---- the template ---------------------------------------------------------------------
     def fields(self) -> list[str]:
