@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import sftkit
+from sftkit.core.errors import SftkitError
 from sftkit.core.template import Segment, Template
 from sftkit.core.tokens import TokenPiece
 from sftkit.engine.anatomy import inspect_model
@@ -275,6 +276,8 @@ def test_view_from_model_shows_the_size_error_in_its_message_area(tiny):
     assert "layers=" in view.info.value and "max_bytes=" in view.info.value
     assert view.info in view.widget.children
     view.refresh_map()  # nothing to draw: no crash
+    with pytest.raises(SftkitError, match="nothing captured"):
+        view.select(0, 0)  # a clear error, not an AttributeError from a half-built view
     ok = AttentionView.from_model(model, tok, TEXT, layers=[0], max_window=16)
     assert ok.error is None and ok.capture.layers == [0] and ok.window[1] - ok.window[0] == 16
     diff = AttentionView.from_model(model, tok, TEXT, compare_adapter=True)

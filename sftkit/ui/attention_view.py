@@ -15,6 +15,7 @@ import ipywidgets as W
 import numpy as np
 import plotly.graph_objects as go
 
+from ..core.errors import SftkitError
 from ..engine.attention import AttentionCapture, AttentionDiff, AttentionTooLargeError
 from . import figures
 
@@ -122,12 +123,18 @@ class AttentionView:
         display(self.widget)
 
     # ---- state -------------------------------------------------------------------------
+    def _need_data(self) -> None:
+        if self.data is None:
+            raise SftkitError(f"this view has nothing captured: {self.error}")
+
     @property
     def window(self) -> tuple[int, int]:
+        self._need_data()
         start = int(self.window_start.value)
         return start, min(self.capture.n_tokens, start + int(self.window_size.value))
 
     def grid_values(self) -> np.ndarray:
+        self._need_data()
         if self.summary.value == "change":
             return self.data.change()
         if self.diff:
@@ -136,10 +143,12 @@ class AttentionView:
 
     def shown_map(self) -> np.ndarray:
         """The matrix the heatmap shows now (the window of the chosen layer and head)."""
+        self._need_data()
         return self.data.head(self.layer.value, self.head.value, self.window)
 
     def select(self, layer: int, head: int | str) -> None:
         """What a grid click does: open that layer and head."""
+        self._need_data()
         with self.heatmap.batch_update():
             self.layer.value = layer
             self.head.value = head
