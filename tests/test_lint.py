@@ -17,6 +17,6 @@ def test_ruff_finds_nothing():
         if os.environ.get("CI", "").lower() not in ("", "0", "false", "no"):
             pytest.fail("ruff is not installed: `make test` installs it with the test extra")
         pytest.skip("ruff is not installed (pip install -e '.[test]')")
-    out = subprocess.run([ruff, "check", "sftkit", "tests", "benchmarks", "lab"], cwd=ROOT,
+    out = subprocess.run([ruff, "check", "--no-cache", "sftkit", "tests", "benchmarks", "lab"], cwd=ROOT,
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
