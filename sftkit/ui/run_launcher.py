@@ -76,7 +76,7 @@ class RunLauncher:
 
     # ---- widgets --------------------------------------------------------------------------
     def _build(self):
-        style, lay = {"description_width": "150px"}, W.Layout(width="300px")
+        style, lay = {"description_width": "175px"}, W.Layout(width="330px")
         cfg = self.control.base_config
         self.knobs: dict[str, W.Widget] = {}
         for dotted in KNOBS:
