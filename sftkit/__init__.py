@@ -39,6 +39,10 @@ _LAZY = {
     # prompting and answers
     "score_prompting": ("sftkit.engine.generate", "score_prompting"),
     "answer_rows": ("sftkit.engine.generate", "answer_rows"),
+    # prompt vs fine-tune
+    "compare": ("sftkit.engine.compare", "compare"),
+    "Variant": ("sftkit.engine.compare", "Variant"),
+    "Comparison": ("sftkit.engine.compare", "Comparison"),
     # memory
     "measure_training_step": ("sftkit.engine.measure", "measure_training_step"),
     # attention

@@ -130,6 +130,80 @@ def _cmd_merge(args) -> int:
     return 0
 
 
+def _cmd_compare(args) -> int:
+    """Prompt vs fine-tune: zero-shot, few-shot (--few-shot K) and each run's adapter on the same items,
+    all on the first run's base model (loaded once). Items: the first run's eval split, or with
+    ``--data teaching:TASK`` fresh rows of that task generated with seed ``data.split_seed + 1`` (the
+    run's own rows use ``data.split_seed``), leaving out any row whose input is in the run's training
+    split. Results are cached in FIRST_RUN/compare/."""
+    import json
+    import random
+
+    from .core.rundata import run_rows
+    from .core.runstore import RunFolder, RunStateError
+    from .core.teaching import TASKS
+    from .engine.compare import Variant, compare
+    from .engine.models import load_model
+
+    runs = [RunFolder(r) for r in args.runs]
+    for run in runs:
+        if not run.exists():
+            raise RunStateError(f"{run.path} is not a run folder (no config.yaml)")
+    if args.n < 1 or args.few_shot < 0:
+        print("--n must be >= 1 and --few-shot >= 0", file=sys.stderr)
+        return 2
+    cfg = runs[0].config()
+    split = run_rows(cfg)
+    template = split.template
+    task_name = cfg.data.teaching_task
+    if args.data is not None:
+        if not args.data.startswith("teaching:") or args.data.split(":", 1)[1] not in TASKS:
+            print(f"--data={args.data!r} is not allowed; allowed: {', '.join('teaching:' + t for t in TASKS)}",
+                  file=sys.stderr)
+            return 2
+        task_name = args.data.split(":", 1)[1]
+        task = TASKS[task_name]
+        template = task.template if task_name != cfg.data.teaching_task else template
+        seen = {json.dumps([str(r.get(f)) for f in template.input_fields]) for r in split.train}
+        fresh = [r for r in task.rows(args.n + len(split.train), seed=cfg.data.split_seed + 1)
+                 if json.dumps([str(r.get(f)) for f in template.input_fields]) not in seen]
+        items = fresh[: args.n]
+    else:
+        items = split.eval[: args.n]
+    if not items:
+        print(f"run {runs[0].name} has no eval rows to compare on; give --data teaching:TASK", file=sys.stderr)
+        return 2
+    scorer = TASKS[task_name].score if task_name in TASKS else None
+    variants = [Variant.zero_shot(template)]
+    if args.few_shot:
+        examples = random.Random(cfg.data.split_seed).sample(split.train, min(args.few_shot, len(split.train)))
+        variants.append(Variant.few_shot(template, examples, name=f"few-shot-{len(examples)}", items=items))
+    variants += [Variant.from_run(run) for run in runs]
+    m = cfg.model
+    model, tokenizer = load_model(m.spec, quantization=m.quantization, device=m.device, dtype=m.dtype,
+                                  attn_implementation=m.attn_implementation)
+    result = compare(variants, items, model=model, tokenizer=tokenizer, scorer=scorer,
+                     cache=runs[0].path / "compare")
+    data = result.to_dict()
+    if args.json:
+        print(json.dumps(data))
+        return 0
+    metric = "task score" if scorer is not None else "exact match"
+    print(f"{'variant':40} {metric:>11} {'95% CI':>15} {'n':>5}")
+    for v in data["variants"]:
+        lo, hi = v["ci"]
+        ci = f"{lo:.0%}-{hi:.0%}" if lo is not None and hi is not None else "-"
+        score = f"{v['score']:.1%}" if v["score"] is not None else "-"
+        print(f"{v['name']:40} {score:>11} {ci:>15} {v['n']:>5}")
+    print()
+    for p in data["pairs"]:
+        print(result.verdict(p["a"], p["b"]))
+    for name, f in data["forgetting"].items():
+        print(f"forgetting {name}: general-text perplexity {f['general_ppl_base']:.4g} -> "
+              f"{f['general_ppl_adapter']:.4g}, KL(base || adapter) {f['kl']:.4g} per token")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sftkit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -162,6 +236,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="replace OUTPUT even if it is a non-empty folder sftkit did not write")
     p.set_defaults(func=_cmd_merge)
+    p = sub.add_parser("compare", help="prompt vs fine-tune: base zero-/few-shot and run adapters on the same items")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders (the first gives the base model and items)")
+    p.add_argument("--data", default=None,
+                   help="teaching:TASK: fresh rows of a teaching task (seed data.split_seed + 1, rows in the "
+                        "run's training split left out) instead of the first run's eval split")
+    p.add_argument("--n", type=int, default=100, help="items to compare on (default 100)")
+    p.add_argument("--few-shot", type=int, default=0, metavar="K",
+                   help="add a few-shot variant with K examples from the first run's training split")
+    p.add_argument("--json", action="store_true", help="print one JSON object (variants, pairs, forgetting)")
+    p.set_defaults(func=_cmd_compare)
     return parser
 
 

@@ -1,0 +1,535 @@
+"""Prompt or fine-tune? Several variants of one base model answer the same held-out items.
+
+A variant is a template (zero-shot or with few-shot examples) and optionally a trained adapter.
+The base model is loaded once by the caller; adapters are attached to it once and switched, and
+the base variants run with the adapters disabled. Each item gets, per variant: the output, its
+latency and token count, the task score (when a scorer is given), exact match, chrF, ROUGE-L,
+and the reference answer's mean token loss and perplexity (teacher-forced, on the tokens the
+template trains). Adapters are also checked for forgetting: perplexity on general text (the
+Python documentation shipped with every Python) and the KL divergence from the base model.
+
+    model, tokenizer = sftkit.load_model(run.config().model.spec)
+    result = compare([Variant.zero_shot(tpl), Variant.from_run(run)], rows, model=model,
+                     tokenizer=tokenizer, scorer=teaching_task("dates").score)
+    result.summary(); result.verdict("zero-shot", run.name)
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from ..core.runstore import append_jsonl, read_jsonl
+from ..core.template import Template, as_text
+
+CACHE_FILE = "compare.jsonl"
+METRICS = ("score", "exact_match", "chrf", "rouge_l", "ref_loss", "ref_ppl")
+BINARY = ("score", "exact_match")
+
+
+# ---- variants ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Variant:
+    """One way of answering: a template (with or without its few-shot examples), maybe an adapter."""
+
+    name: str
+    template: Template
+    adapter: str | None
+    few_shot: bool
+    max_new_tokens: int = 32
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise ValueError(f"variant name={self.name!r} is not allowed; allowed: a non-empty string")
+        if not isinstance(self.template, Template):
+            raise ValueError(f"variant {self.name!r}: template must be a Template, got {type(self.template).__name__}")
+        if self.adapter is not None:
+            object.__setattr__(self, "adapter", str(self.adapter))
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"variant {self.name!r}: max_new_tokens={self.max_new_tokens!r}; allowed: an integer >= 1")
+
+    @classmethod
+    def zero_shot(cls, template: Template, name: str = "zero-shot", **kwargs) -> "Variant":
+        """The base model, the template without examples."""
+        return cls(name, template, None, False, **kwargs)
+
+    @classmethod
+    def from_run(cls, run, name: str | None = None, **kwargs) -> "Variant":
+        """A trained run: its own template, its adapter, on the same base model."""
+        from ..core.runstore import RunFolder, RunStateError
+
+        run = run if isinstance(run, RunFolder) else RunFolder(run)
+        if not run.exists():
+            raise RunStateError(f"{run.path} is not a run folder (no config.yaml)")
+        if not run.has_adapter():
+            raise RunStateError(f"run {run.name} has no adapter ({run.adapter_dir}/adapter_config.json is "
+                                f"missing; the run is {run.state()}): only finished or stopped LoRA runs compare")
+        template = run.config().resolved_template()
+        return cls(name or run.name, template, str(run.adapter_dir), bool(template.examples), **kwargs)
+
+    def fingerprint(self, model, tokenizer) -> str:
+        """What the answers depend on: base model, tokenizer, template, examples, adapter weights."""
+        h = hashlib.sha256()
+        config = getattr(model, "config", None)
+        base = getattr(model, "get_base_model", lambda: model)()
+        parts = {
+            "model": getattr(config, "_name_or_path", "") or getattr(getattr(base, "config", None), "_name_or_path", ""),
+            "tokenizer": getattr(tokenizer, "name_or_path", ""),
+            "vocab": len(tokenizer),
+            "template": self.template.to_dict(),
+            "few_shot": self.few_shot,
+            "max_new_tokens": self.max_new_tokens,
+        }
+        h.update(json.dumps(parts, sort_keys=True, default=str).encode())
+        if self.adapter is not None:
+            for f in sorted(Path(self.adapter).iterdir()):
+                if f.is_file() and f.name.startswith("adapter_"):
+                    h.update(f.name.encode())
+                    h.update(f.read_bytes())
+        return h.hexdigest()[:24]
+
+
+def _few_shot(cls, template: Template, examples: Sequence[dict], name: str = "few-shot", *,
+              items: Sequence[dict] | None = None, **kwargs) -> Variant:
+    """The base model, the template with ``examples`` (rows from the TRAINING split) as earlier turns.
+    With ``items`` (the evaluated rows) an example that is also an item is refused here already."""
+    examples = [dict(e) for e in examples]
+    if not examples:
+        raise ValueError("a few-shot variant needs at least one example (rows from the training split)")
+    template = template.with_examples(examples)
+    if items is not None:
+        check_examples(template, items, name)
+    return cls(name, template, None, True, **kwargs)
+
+
+# ``few_shot`` is also a field (whether the examples are shown); set after the dataclass is made so
+# the field has no default. Instances read their own value, the class offers the constructor.
+Variant.few_shot = classmethod(_few_shot)
+
+
+def _input_key(template: Template, row: dict) -> str:
+    return json.dumps([as_text(row.get(f)) for f in template.input_fields], ensure_ascii=False)
+
+
+def check_examples(template: Template, items: Sequence[dict], name: str = "few-shot") -> None:
+    """Few-shot examples must not be evaluated items (that would show the model the answers)."""
+    keys = {_input_key(template, r): i for i, r in enumerate(items)}
+    overlap = [(j, keys[k]) for j, ex in enumerate(template.examples) if (k := _input_key(template, ex)) in keys]
+    if overlap:
+        shown = ", ".join(f"example {j} = item {i} ({template.user_text(items[i])[:40]!r})" for j, i in overlap[:5])
+        raise ValueError(f"few-shot variant {name!r}: {len(overlap)} example(s) are evaluated items ({shown}); "
+                         f"draw the examples from the training split, never from the items compared")
+
+
+def _item_hash(row: dict) -> str:
+    return hashlib.sha256(json.dumps(row, sort_keys=True, ensure_ascii=False, default=str).encode()).hexdigest()[:24]
+
+
+# ---- the comparison (plain data) ----------------------------------------------------------------
+def _finite(x) -> float | None:
+    return float(x) if x is not None and math.isfinite(float(x)) else None
+
+
+def _is_binary(values: Sequence[float]) -> bool:
+    return all(v in (0, 1) for v in values)
+
+
+@dataclass
+class Comparison:
+    """Per-item results of every variant on the same items, and the paired statistics over them."""
+
+    variants: list[str]
+    items: list[dict]
+    results: dict[str, list[dict]]
+    forgetting: dict[str, dict] = field(default_factory=dict)
+    complete: bool = True
+    primary: str = "exact_match"  # the headline metric: the task score when a scorer was given
+    inputs: dict[str, list[str]] = field(default_factory=dict)
+    references: dict[str, list[str]] = field(default_factory=dict)
+    seed: int = 0
+
+    @property
+    def n(self) -> int:
+        """Items every variant answered (fewer than ``len(items)`` when the comparison was stopped)."""
+        return min((len(r) for r in self.results.values()), default=0)
+
+    def metrics(self) -> list[str]:
+        present = set().union(*(r.keys() for rs in self.results.values() for r in rs[:1])) if self.results else set()
+        return [m for m in METRICS if m in present]
+
+    def values(self, variant: str, metric: str) -> list[float]:
+        return [float(r[metric]) for r in self.results[variant][: self.n]]
+
+    # ---- summaries ---------------------------------------------------------------------------
+    def _mean_ci(self, values: list[float]) -> tuple[float, float, float]:
+        from ..core.stats import paired_bootstrap, wilson_interval
+
+        if not values:
+            return math.nan, math.nan, math.nan
+        mean = sum(values) / len(values)
+        if _is_binary(values):
+            lo, hi = wilson_interval(sum(values), len(values))
+        else:
+            d = paired_bootstrap(values, [0.0] * len(values), seed=self.seed)
+            lo, hi = d.low, d.high
+        return mean, min(lo, mean), max(hi, mean)  # float noise at 0% / 100% stays inside
+
+    def summary(self) -> dict[str, dict]:
+        """Per variant: each metric's mean (binary ones with a Wilson 95% interval), latency, tokens/s."""
+        out = {}
+        for v in self.variants:
+            rows = self.results[v][: self.n]
+            s: dict = {"n": len(rows)}
+            for m in self.metrics():
+                vals = [float(r[m]) for r in rows if r.get(m) is not None and math.isfinite(float(r[m]))]
+                s[m] = sum(vals) / len(vals) if vals else math.nan
+                if m in BINARY:
+                    s[m + "_ci"] = self._mean_ci(vals)[1:]
+            seconds = sum(r["latency"] for r in rows)
+            tokens = sum(r["tokens"] for r in rows)
+            s["latency"] = seconds / len(rows) if rows else math.nan
+            s["tokens_per_s"] = tokens / seconds if seconds > 0 else math.nan
+            out[v] = s
+        return out
+
+    def pairs(self) -> list[dict]:
+        """For every pair (a, b): McNemar on the binary score, a seeded paired bootstrap CI of the mean
+        difference a - b for each metric, and wins/ties/losses of a on the headline metric."""
+        from ..core.stats import mcnemar_exact, paired_bootstrap, win_tie_loss
+
+        out = []
+        if self.n == 0:
+            return out
+        for i, a in enumerate(self.variants):
+            for b in self.variants[i + 1:]:
+                pa, pb = self.values(a, self.primary), self.values(b, self.primary)
+                test = mcnemar_exact(pa, pb) if _is_binary(pa) and _is_binary(pb) else None
+                diffs = {}
+                for m in self.metrics():
+                    xa, xb = self.values(a, m), self.values(b, m)
+                    if all(math.isfinite(x) for x in xa + xb):
+                        diffs[m] = paired_bootstrap(xa, xb, seed=self.seed)
+                wins, ties, losses = win_tie_loss(pa, pb)
+                out.append({"a": a, "b": b, "n": self.n, "mcnemar": test, "diffs": diffs,
+                            "wins": wins, "ties": ties, "losses": losses})
+        return out
+
+    def _pair(self, a: str, b: str) -> dict:
+        for p in self.pairs():
+            if (p["a"], p["b"]) == (a, b):
+                return p
+            if (p["a"], p["b"]) == (b, a):
+                from ..core.stats import McNemar, PairedDifference
+
+                d, t = p["diffs"][self.primary], p["mcnemar"]
+                return {**p, "a": a, "b": b, "wins": p["losses"], "losses": p["wins"],
+                        "diffs": {self.primary: PairedDifference(-d.diff, -d.high, -d.low, d.n, d.confidence)},
+                        "mcnemar": None if t is None else McNemar(t.b_only, t.a_only, t.both, t.neither, t.p_value)}
+        raise KeyError(f"no variants {a!r} and {b!r} to compare; variants: {', '.join(self.variants)}")
+
+    def verdict(self, a: str, b: str) -> str:
+        """The pair in plain words (on the headline metric): which is better, by how much, how sure."""
+        from ..core.stats import paired_verdict
+
+        p = self._pair(a, b)
+        binary = p["mcnemar"] is not None
+        return paired_verdict(a, b, p["diffs"][self.primary], p["mcnemar"],
+                              scale=100.0 if binary else 1.0, unit="points" if binary else self.primary)
+
+    # ---- export -------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        variants = []
+        for v in self.variants:
+            vals = self.values(v, self.primary)
+            mean, lo, hi = self._mean_ci(vals)
+            variants.append({"name": v, "score": _finite(mean), "ci": [_finite(lo), _finite(hi)], "n": len(vals)})
+        pairs = []
+        for p in self.pairs():
+            d = p["diffs"].get(self.primary)
+            pairs.append({"a": p["a"], "b": p["b"], "diff": _finite(d.diff) if d else None,
+                          "ci": [_finite(d.low) if d else None, _finite(d.high) if d else None],
+                          "p_value": None if p["mcnemar"] is None else float(p["mcnemar"].p_value),
+                          "wins": p["wins"], "losses": p["losses"], "ties": p["ties"]})
+        forgetting = {v: {k: _finite(f.get(k)) for k in ("general_ppl_base", "general_ppl_adapter", "kl")}
+                      for v, f in self.forgetting.items()}
+        return {"variants": variants, "pairs": pairs, "forgetting": forgetting}
+
+    def to_csv(self, path: str | Path) -> Path:
+        """One row per item and variant: input, reference, output, metrics, latency, tokens."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        metrics = self.metrics()
+        with open(path, "w", newline="", encoding="utf-8") as fh:
+            w = csv.writer(fh)
+            w.writerow(["variant", "item", "input", "reference", "output", *metrics, "latency", "tokens"])
+            for v in self.variants:
+                for i, r in enumerate(self.results[v]):
+                    w.writerow([v, i, self.inputs[v][i], self.references[v][i], r["output"],
+                                *[r.get(m) for m in metrics], r["latency"], r["tokens"]])
+        return path
+
+
+# ---- running it -----------------------------------------------------------------------------------
+def _adapter_slot(i: int, name: str) -> str:
+    return f"v{i}_" + re.sub(r"\W", "_", name)[:40]
+
+
+def _attach(model, variants: Sequence[Variant]):
+    """Attach every adapter once to the same base; returns (model, slot per variant name, attached here)."""
+    from peft import PeftModel
+
+    slots: dict[str, str] = {}
+    wrapped = False
+    for i, v in enumerate(variants):
+        if v.adapter is None:
+            continue
+        if not (Path(v.adapter) / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"variant {v.name!r}: {v.adapter} holds no adapter (adapter_config.json)")
+        slot = _adapter_slot(i, v.name)
+        if isinstance(model, PeftModel):
+            model.load_adapter(v.adapter, adapter_name=slot)
+        else:
+            model = PeftModel.from_pretrained(model, v.adapter, adapter_name=slot)
+            wrapped = True
+        slots[v.name] = slot
+    model.eval()
+    return model, slots, wrapped
+
+
+class _Active:
+    """Context: the variant's adapter is the active one, or (base variants) all adapters are off."""
+
+    def __init__(self, model, slot: str | None):
+        self.model, self.slot, self._ctx = model, slot, None
+
+    def __enter__(self):
+        from peft import PeftModel
+
+        if isinstance(self.model, PeftModel):
+            if self.slot is None:
+                self._ctx = self.model.disable_adapter()
+                self._ctx.__enter__()
+            else:
+                self.model.set_adapter(self.slot)
+        return self.model
+
+    def __exit__(self, *exc):
+        if self._ctx is not None:
+            return self._ctx.__exit__(*exc)
+        return False
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def _generate(model, tokenizer, prompts: list[str], max_new_tokens: int) -> tuple[list[str], list[int], float]:
+    import torch
+
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    started = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=_pad_id(tokenizer))
+    seconds = time.perf_counter() - started
+    new = out[:, enc["input_ids"].shape[1]:].tolist()
+    eos = tokenizer.eos_token_id
+    counts = [(seq.index(eos) + 1) if eos in seq else len(seq) for seq in new]
+    texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+    return texts, counts, seconds
+
+
+def _reference_losses(model, tokenizer, rendered) -> list[float]:
+    """Mean token loss of each rendered example's trained tokens (teacher-forced); nan with none."""
+    import torch
+
+    width = max(len(r.input_ids) for r in rendered)
+    pad = _pad_id(tokenizer)
+    ids = torch.tensor([r.input_ids + [pad] * (width - len(r.input_ids)) for r in rendered], device=model.device)
+    att = torch.tensor([[1] * len(r.input_ids) + [0] * (width - len(r.input_ids)) for r in rendered],
+                       device=model.device)
+    labels = torch.tensor([r.labels + [-100] * (width - len(r.input_ids)) for r in rendered], device=model.device)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=att).logits.float()
+    target = labels[:, 1:]
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), target.clamp(min=0), reduction="none")
+    keep = (target != -100).float()
+    counts = keep.sum(1)
+    sums = (ce * keep).sum(1)
+    return [float(s / c) if c > 0 else math.nan for s, c in zip(sums.tolist(), counts.tolist())]
+
+
+def general_text(tokenizer, n_tokens: int = 512) -> list[int]:
+    """The first ``n_tokens`` tokens of the Python documentation's topics (sorted by name)."""
+    from pydoc_data.topics import topics
+
+    ids: list[int] = []
+    for key in sorted(topics):
+        ids += tokenizer(topics[key] + "\n\n", add_special_tokens=False)["input_ids"]
+        if len(ids) >= n_tokens:
+            break
+    return ids[:n_tokens]
+
+
+def _forgetting(model, tokenizer, slots: dict[str, str], n_tokens: int) -> dict[str, dict]:
+    """Per adapter: perplexity of the base and the adapter on general text, and mean KL(base || adapter)."""
+    import torch
+
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None) or n_tokens
+    ids = general_text(tokenizer, min(n_tokens, int(limit)))
+    x = torch.tensor([ids], device=model.device)
+
+    def logprobs(slot):
+        with _Active(model, slot), torch.no_grad():
+            return torch.log_softmax(model(input_ids=x).logits[0, :-1].float(), dim=-1)
+
+    target = x[0, 1:]
+    base = logprobs(None)
+    base_nll = float(-base.gather(1, target[:, None]).mean())
+    out = {}
+    for name, slot in slots.items():
+        lp = logprobs(slot)
+        nll = float(-lp.gather(1, target[:, None]).mean())
+        kl = float((base.exp() * (base - lp)).sum(-1).mean())
+        out[name] = {"general_ppl_base": math.exp(base_nll), "general_ppl_adapter": math.exp(nll),
+                     "kl": max(kl, 0.0), "tokens": len(ids)}
+    return out
+
+
+def _metrics(output: str, reference: str, row: dict, scorer) -> dict:
+    from ..core.textmetrics import chrf_items, exact_match_items, rouge_l_items
+
+    out = {}
+    if scorer is not None:
+        out["score"] = float(scorer(output, row))
+    out["exact_match"] = float(exact_match_items([output], [reference])[0])
+    out["chrf"] = chrf_items([output], [reference])[0]
+    out["rouge_l"] = rouge_l_items([output], [reference])[0]
+    return out
+
+
+def compare(variants: Sequence[Variant], rows: Sequence[dict], *, model, tokenizer,
+            scorer: Callable[[str, dict], float] | None = None, batch_size: int = 8, seed: int = 0,
+            forgetting: bool = True, general_text_tokens: int = 512, cache: str | Path | None = None,
+            progress: Callable[[int, int], None] | None = None,
+            stop: threading.Event | None = None) -> Comparison:
+    """Every variant answers every row (greedy, batched, left padding) on the one base ``model``.
+
+    scorer: ``scorer(output, row)`` -> 0/1, the headline score (e.g. ``teaching_task("dates").score``);
+        without one the headline is exact match.
+    cache: a folder; results are appended to ``compare.jsonl`` there per (variant, item content) and
+        reused by later calls, so only new variants or items are generated.
+    progress: ``progress(done, total)`` in answered item-variants. stop: a ``threading.Event``,
+        checked between batches; a stopped comparison returns what it has with ``complete=False``.
+    The caller's model is left as it was (adapters attached here are removed again).
+    """
+    variants, rows = list(variants), [dict(r) for r in rows]
+    if not variants:
+        raise ValueError("no variants to compare")
+    if not rows:
+        raise ValueError("no items to compare")
+    names = [v.name for v in variants]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"variant names must differ; repeated: {', '.join(dup)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r}; allowed: an integer >= 1")
+    for v in variants:
+        if v.few_shot and v.template.examples:
+            check_examples(v.template, rows, v.name)
+        v.template.check_columns(sorted({k for r in rows for k in r}))
+
+    cached: dict[tuple[str, str], dict] = {}
+    cache_path = None
+    if cache is not None:
+        cache_path = Path(cache) / CACHE_FILE
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        for rec in read_jsonl(cache_path)[0]:
+            if isinstance(rec, dict) and "variant" in rec and "item" in rec and "result" in rec:
+                cached[(rec["variant"], rec["item"])] = rec["result"]
+
+    from peft import PeftModel
+
+    previous = model.active_adapter if isinstance(model, PeftModel) else None
+    model, slots, wrapped = _attach(model, variants)
+    old_side, old_pad = tokenizer.padding_side, tokenizer.pad_token
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    raw: dict[str, list[dict]] = {v.name: [] for v in variants}
+    total = len(rows) * len(variants)
+    done, complete = 0, True
+    try:
+        fps = {v.name: v.fingerprint(model, tokenizer) for v in variants}
+        # the reference loss sees the whole conversation: no cut at the template's max_length
+        scoring = {v.name: Template(**{**v.template.to_dict(), "max_length": 1 << 20}) for v in variants}
+        hashes = [_item_hash(r) for r in rows]
+        for start in range(0, len(rows), batch_size):
+            if stop is not None and stop.is_set():
+                complete = False
+                break
+            batch = rows[start:start + batch_size]
+            keys = hashes[start:start + batch_size]
+            for v in variants:
+                fp = fps[v.name]
+                todo = [i for i, k in enumerate(keys) if (fp, k) not in cached]
+                if todo:
+                    prompts = [v.template.prompt_text(batch[i], tokenizer, with_examples=v.few_shot) for i in todo]
+                    rendered = [scoring[v.name].render(batch[i], tokenizer, with_examples=v.few_shot) for i in todo]
+                    with _Active(model, slots.get(v.name)):
+                        texts, counts, seconds = _generate(model, tokenizer, prompts, v.max_new_tokens)
+                        tokenizer.padding_side = "right"
+                        try:
+                            losses = _reference_losses(model, tokenizer, rendered)
+                        finally:
+                            tokenizer.padding_side = "left"
+                    for j, i in enumerate(todo):
+                        res = {"output": texts[j], "latency": seconds / len(todo), "tokens": counts[j],
+                               "ref_loss": losses[j]}
+                        cached[(fp, keys[i])] = res
+                        if cache_path is not None:
+                            append_jsonl(cache_path, {"variant": fp, "variant_name": v.name, "item": keys[i],
+                                                      "result": res})
+                raw[v.name] += [cached[(fp, k)] for k in keys]
+                done += len(batch)
+                if progress is not None:
+                    progress(done, total)
+        forget = {}
+        if complete and forgetting and slots:
+            forget = _forgetting(model, tokenizer, slots, general_text_tokens)
+    finally:
+        tokenizer.padding_side, tokenizer.pad_token = old_side, old_pad
+        if wrapped:  # the caller passed a plain model: take the adapter layers out again
+            model.unload()
+        elif slots:
+            for slot in slots.values():
+                model.delete_adapter(slot)
+            if previous is not None:
+                model.set_adapter(previous)
+
+    results: dict[str, list[dict]] = {}
+    inputs: dict[str, list[str]] = {}
+    references: dict[str, list[str]] = {}
+    for v in variants:
+        items = rows[: len(raw[v.name])]
+        refs = [as_text(r.get(v.template.answer_field)) for r in items]
+        out = []
+        for rec, row, ref in zip(raw[v.name], items, refs):
+            loss = rec["ref_loss"]
+            loss = math.nan if loss is None else float(loss)
+            out.append({"output": rec["output"], "latency": float(rec["latency"]), "tokens": int(rec["tokens"]),
+                        **_metrics(rec["output"], ref, row, scorer), "ref_loss": loss,
+                        "ref_ppl": math.exp(loss) if math.isfinite(loss) else math.nan})
+        results[v.name] = out
+        inputs[v.name] = [v.template.user_text(r) for r in items]
+        references[v.name] = refs
+    return Comparison(variants=names, items=rows, results=results, forgetting=forget, complete=complete,
+                      primary="score" if scorer is not None else "exact_match", inputs=inputs,
+                      references=references, seed=seed)

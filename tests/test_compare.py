@@ -1,0 +1,245 @@
+"""Prompt vs fine-tune: variants of one base model on the same items (tiny random models)."""
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from sftkit.core.rundata import run_rows
+from sftkit.core.teaching import teaching_task
+
+from helpers import tiny_config
+
+TOP_KEYS = {"variants", "pairs", "forgetting"}
+VARIANT_KEYS = {"name", "score", "ci", "n"}
+PAIR_KEYS = {"a", "b", "diff", "ci", "p_value", "wins", "losses", "ties"}
+FORGET_KEYS = {"general_ppl_base", "general_ppl_adapter", "kl"}
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_llama_dir, tmp_path_factory):
+    """Two tiny trained runs on the dates task that differ in seed and steps."""
+    from sftkit.engine.train import run_training
+
+    root = tmp_path_factory.mktemp("compare-runs")
+    cache = root / "cache"
+    cache.mkdir()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SFTKIT_CACHE_DIR", str(cache))
+        out = []
+        for seed, steps in ((1, 4), (2, 6)):
+            cfg = tiny_config(tiny_llama_dir, root / "runs", max_steps=steps, seed=seed, eval_every=0,
+                              sample_every=0, learning_rate=2e-2)
+            result = run_training(cfg)
+            assert result.run is not None and result.run.has_adapter()
+            out.append(result.run)
+    return out
+
+
+@pytest.fixture
+def base(tiny_llama_dir):
+    from sftkit.engine.models import load_model
+
+    model, tokenizer = load_model(str(tiny_llama_dir), quantization="none", device="cpu")
+    return model, tokenizer
+
+
+def _split(run):
+    return run_rows(run.config())
+
+
+def test_adapter_switching_equals_adapter_alone(runs, base, tiny_llama_dir):
+    from sftkit.engine.compare import Variant, compare
+    from sftkit.engine.models import load_model
+
+    model, tokenizer = base
+    items = _split(runs[0]).eval[:4]
+    both = compare([Variant.from_run(runs[0]), Variant.from_run(runs[1])], items, model=model,
+                   tokenizer=tokenizer, forgetting=False, batch_size=4)
+    for run in runs:
+        fresh, tok = load_model(str(tiny_llama_dir), quantization="none", device="cpu")
+        alone = compare([Variant.from_run(run)], items, model=fresh, tokenizer=tok, forgetting=False, batch_size=4)
+        a, b = both.results[run.name], alone.results[run.name]
+        assert [r["output"] for r in a] == [r["output"] for r in b]
+        for x, y in zip(a, b):
+            assert x["ref_loss"] == pytest.approx(y["ref_loss"], abs=1e-5)
+    # the two adapters differ (else the check above would prove nothing about switching)
+    la = [r["ref_loss"] for r in both.results[runs[0].name]]
+    lb = [r["ref_loss"] for r in both.results[runs[1].name]]
+    assert max(abs(x - y) for x, y in zip(la, lb)) > 1e-4
+
+
+def test_base_variant_under_disabled_adapters_equals_plain_base(runs, base, tiny_llama_dir):
+    import torch
+
+    from sftkit.engine.compare import Variant, compare
+    from sftkit.engine.models import load_model
+
+    model, tokenizer = base
+    split = _split(runs[0])
+    items = split.eval[:4]
+    tpl = split.template
+    with_adapters = compare([Variant.zero_shot(tpl), Variant.from_run(runs[0])], items, model=model,
+                            tokenizer=tokenizer, forgetting=False, batch_size=4)
+    plain, tok = load_model(str(tiny_llama_dir), quantization="none", device="cpu")
+    alone = compare([Variant.zero_shot(tpl)], items, model=plain, tokenizer=tok, forgetting=False, batch_size=4)
+    a, b = with_adapters.results["zero-shot"], alone.results["zero-shot"]
+    assert [r["output"] for r in a] == [r["output"] for r in b]
+    assert [r["ref_loss"] for r in a] == pytest.approx([r["ref_loss"] for r in b], abs=1e-5)
+    # the caller's model comes back without adapter layers
+    assert type(model).__name__ == type(plain).__name__
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, plain(input_ids=ids).logits, atol=1e-6)
+
+
+def test_few_shot_examples_from_the_items_are_refused(runs, base):
+    from sftkit.engine.compare import Variant, compare
+
+    model, tokenizer = base
+    split = _split(runs[0])
+    items = split.eval[:4]
+    with pytest.raises(ValueError, match="evaluated items"):
+        Variant.few_shot(split.template, [split.train[0], items[2]], items=items)
+    leaky = Variant.few_shot(split.template, [items[1]])
+    with pytest.raises(ValueError, match="example 0 = item 1"):
+        compare([leaky], items, model=model, tokenizer=tokenizer, forgetting=False)
+    ok = Variant.few_shot(split.template, split.train[:2], items=items)
+    assert ok.few_shot is True and len(ok.template.examples) == 2
+
+
+def test_from_run_needs_an_adapter(tmp_path):
+    from sftkit.core.runstore import RunStateError
+    from sftkit.engine.compare import Variant
+
+    from helpers import make_run
+
+    with pytest.raises(RunStateError, match="no adapter"):
+        Variant.from_run(make_run(tmp_path))
+
+
+def test_forgetting_is_zero_for_an_untrained_adapter(runs, base, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from sftkit.engine.compare import Variant, compare
+    from sftkit.engine.models import load_model
+
+    cfg = runs[0].config()
+    scratch, _ = load_model(cfg.model.spec, quantization="none", device="cpu")
+    fresh = get_peft_model(scratch, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    fresh.save_pretrained(str(tmp_path / "untrained"))
+    model, tokenizer = base
+    split = _split(runs[0])
+    untrained = Variant("untrained", split.template, str(tmp_path / "untrained"), False)
+    c = compare([untrained, Variant.from_run(runs[1])], split.eval[:2], model=model, tokenizer=tokenizer,
+                general_text_tokens=128)
+    f0, f1 = c.forgetting["untrained"], c.forgetting[runs[1].name]
+    for f in (f0, f1):
+        assert all(math.isfinite(f[k]) for k in FORGET_KEYS)
+    assert abs(f0["kl"]) < 1e-6
+    assert f0["general_ppl_adapter"] == pytest.approx(f0["general_ppl_base"], rel=1e-6)
+    assert f1["kl"] > 0
+
+
+def test_results_summary_dict_and_csv(runs, base, tmp_path):
+    from sftkit.engine.compare import Variant, compare
+
+    model, tokenizer = base
+    split = _split(runs[0])
+    items = split.eval[:6]
+    seen = []
+    variants = [Variant.zero_shot(split.template), Variant.few_shot(split.template, split.train[:2]),
+                Variant.from_run(runs[0])]
+    c = compare(variants, items, model=model, tokenizer=tokenizer, scorer=teaching_task("dates").score,
+                batch_size=4, general_text_tokens=64, progress=lambda d, t: seen.append((d, t)))
+    assert c.complete and c.variants == [v.name for v in variants] and c.items == items
+    assert seen[-1] == (18, 18)
+    r = c.results[runs[0].name][0]
+    assert {"output", "latency", "tokens", "score", "exact_match", "chrf", "rouge_l", "ref_loss", "ref_ppl"} <= set(r)
+    assert r["ref_ppl"] == pytest.approx(math.exp(r["ref_loss"]))
+    s = c.summary()[runs[0].name]
+    assert s["n"] == 6 and 0 <= s["score_ci"][0] <= s["score"] <= s["score_ci"][1] <= 1 and s["tokens_per_s"] > 0
+    pairs = c.pairs()
+    assert len(pairs) == 3 and pairs[0]["mcnemar"] is not None and "chrf" in pairs[0]["diffs"]
+    assert "zero-shot" in c.verdict("zero-shot", runs[0].name)
+    assert "zero-shot" in c.verdict(runs[0].name, "zero-shot")
+
+    d = json.loads(json.dumps(c.to_dict(), allow_nan=False))
+    assert set(d) == TOP_KEYS
+    for v in d["variants"]:
+        assert set(v) == VARIANT_KEYS and isinstance(v["name"], str) and isinstance(v["score"], float)
+        assert isinstance(v["ci"], list) and len(v["ci"]) == 2 and v["n"] == 6
+    for p in d["pairs"]:
+        assert set(p) == PAIR_KEYS and isinstance(p["diff"], float) and len(p["ci"]) == 2
+        assert isinstance(p["p_value"], float) and p["wins"] + p["losses"] + p["ties"] == 6
+    assert set(d["forgetting"]) == {runs[0].name}
+    assert set(d["forgetting"][runs[0].name]) == FORGET_KEYS
+
+    path = c.to_csv(tmp_path / "out.csv")
+    with open(path, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == len(items) * len(variants)
+    assert {"input", "reference", "output", "score", "chrf"} <= set(rows[0])
+    assert rows[0]["reference"] == items[0]["iso"]
+
+
+def test_cache_is_reused(runs, base, tmp_path):
+    from sftkit.engine.compare import CACHE_FILE, Variant, compare
+
+    model, tokenizer = base
+    split = _split(runs[0])
+    items = split.eval[:4]
+    variants = [Variant.zero_shot(split.template), Variant.from_run(runs[0])]
+    t = time.perf_counter()
+    first = compare(variants, items, model=model, tokenizer=tokenizer, forgetting=False, cache=tmp_path)
+    t_first = time.perf_counter() - t
+    lines = (tmp_path / CACHE_FILE).read_bytes()
+    assert len(lines.splitlines()) == len(items) * len(variants)
+    t = time.perf_counter()
+    second = compare(variants, items, model=model, tokenizer=tokenizer, forgetting=False, cache=tmp_path)
+    t_second = time.perf_counter() - t
+    assert (tmp_path / CACHE_FILE).read_bytes() == lines
+    assert second.results == first.results
+    assert t_second < t_first
+    # one more item: only it is generated and appended
+    compare(variants, split.eval[:5], model=model, tokenizer=tokenizer, forgetting=False, cache=tmp_path)
+    assert len((tmp_path / CACHE_FILE).read_bytes().splitlines()) == 5 * len(variants)
+
+
+def test_stop_returns_an_incomplete_comparison(runs, base):
+    from sftkit.engine.compare import Variant, compare
+
+    model, tokenizer = base
+    split = _split(runs[0])
+    stop = threading.Event()
+
+    def progress(done, total):
+        if done >= 2 * 2:  # the first batch, both variants
+            stop.set()
+
+    c = compare([Variant.zero_shot(split.template), Variant.from_run(runs[0])], split.eval[:8], model=model,
+                tokenizer=tokenizer, batch_size=2, progress=progress, stop=stop)
+    assert not c.complete
+    assert [len(r) for r in c.results.values()] == [2, 2]
+    assert c.forgetting == {}
+    assert set(c.to_dict()) == TOP_KEYS and c.to_dict()["variants"][0]["n"] == 2
+
+
+def test_cli_compare_json(runs, cache):
+    env = dict(os.environ, SFTKIT_CACHE_DIR=str(cache))
+    out = subprocess.run([sys.executable, "-m", "sftkit", "compare", str(runs[0].path), "--n", "8", "--json",
+                          "--few-shot", "2"], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    data = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(data) == TOP_KEYS
+    assert [v["name"] for v in data["variants"]] == ["zero-shot", "few-shot-2", runs[0].name]
+    assert all(v["n"] == 8 for v in data["variants"])
+    assert len(data["pairs"]) == 3 and set(data["pairs"][0]) == PAIR_KEYS
+    assert set(data["forgetting"][runs[0].name]) == FORGET_KEYS
+    assert (runs[0].path / "compare").is_dir()
