@@ -243,3 +243,92 @@ def test_cli_compare_json(runs, cache):
     assert len(data["pairs"]) == 3 and set(data["pairs"][0]) == PAIR_KEYS
     assert set(data["forgetting"][runs[0].name]) == FORGET_KEYS
     assert (runs[0].path / "compare").is_dir()
+
+
+# ---- the state behind the view, and the view (headless) ----------------------------------------------
+HOSTILE = "<img src=x onerror=alert(1)>"
+
+
+def _items(run, n=8):
+    rows = _split(run).eval[:n]
+    rows[0] = {**rows[0], "text": HOSTILE}  # markup in an input must reach the tables as text
+    return rows
+
+
+def _parity(output, row):  # a binary score that depends on what each variant wrote
+    return float(len(output) % 2 == 0)
+
+
+def test_session_filters_partition_the_items(runs, base):
+    from sftkit.engine.compare import Variant
+    from sftkit.state import ComparisonSession
+
+    model, tok = base
+    tpl = runs[0].config().resolved_template()
+    session = ComparisonSession([Variant.zero_shot(tpl), Variant.from_run(runs[1])], _items(runs[0]),
+                                model=model, tokenizer=tok, scorer=_parity, forgetting=False, page_size=3)
+    events = []
+    session.on_change(events.append)
+    session.start()
+    assert session.wait(120) and session.error is None and session.result.complete
+    assert events[-1] == "result" and "progress" in events
+    everything = session.item_rows("all")
+    wins, losses = session.item_rows("wins"), session.item_rows("losses")
+    flips, errors = session.item_rows("flips"), session.item_rows("errors")
+    index = lambda rows: {r["index"] for r in rows}  # noqa: E731
+    assert len(everything) == 8
+    assert index(flips) == index(wins) | index(losses) and not index(wins) & index(losses)
+    assert index(errors) == {r["index"] for r in everything if min(r["scores"].values()) == 0}
+    first, pages = session.page(everything, 0)
+    assert len(first) == 3 and pages == 3 and len(session.page(everything, 2)[0]) == 2
+    with pytest.raises(ValueError, match="filter='some' is not allowed"):
+        session.item_rows("some")
+
+
+def test_compare_view_renders_filters_pages_and_exports(runs, base, tmp_path):
+    from sftkit.engine.compare import Variant
+    from sftkit.ui import CompareView
+
+    model, tok = base
+    tpl = runs[0].config().resolved_template()
+    view = CompareView([Variant.zero_shot(tpl), Variant.from_run(runs[1])], _items(runs[0]), model=model,
+                       tokenizer=tok, scorer=_parity, page_size=3)
+    assert view.wait(120) and view.result is not None
+    deadline = time.monotonic() + 30
+    while not view.pairs.value and time.monotonic() < deadline:  # drawn from the comparison's thread
+        time.sleep(0.05)
+    assert len(view.charts.children) >= 3  # headline, chrF, ROUGE-L (+ perplexity)
+    assert "verdict" in view.pairs.value and "KL" in view.forgetting.value
+    assert view.progress.value == view.progress.max and view.page.max == 3
+    assert view.items.value.count("<tr>") == 1 + 3
+    for text in (view.items.value, view.report_html()):  # item 0 is on page 1
+        assert HOSTILE not in text and html_escaped(HOSTILE) in text
+    view.page.value = 3
+    assert view.items.value.count("<tr>") == 1 + 2
+    view.filter.value = "errors"
+    assert "show" in view.filter.description
+    csv_path = view.export_csv(tmp_path / "c.csv")
+    assert sum(1 for _ in csv.reader(open(csv_path))) == 1 + 8 * 2
+    report = view.export_html(tmp_path / "c.html").read_text()
+    assert "plotly" in report.lower() and "Paired comparisons" in report
+
+
+def test_compare_view_stop_keeps_what_is_done(runs, base):
+    from sftkit.engine.compare import Variant
+    from sftkit.ui import CompareView
+
+    model, tok = base
+    tpl = runs[0].config().resolved_template()
+    view = CompareView([Variant.zero_shot(tpl), Variant.from_run(runs[0])], _split(runs[0]).eval[:8],
+                       model=model, tokenizer=tok, batch_size=2, start=False)
+    view.session.on_change(lambda e: view.session.stop() if e == "progress" else None)  # Stop after the first batch
+    view.start()
+    assert view.wait(120) and view.result is not None and not view.result.complete
+    view.draw()
+    assert "stopped" in view.message.value and view.result.n < 8
+
+
+def html_escaped(text):
+    import html
+
+    return html.escape(text)

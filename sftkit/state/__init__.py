@@ -16,6 +16,7 @@ from sftkit.core.lazy import lazy_attributes
 _LAZY: dict[str, tuple[str, str]] = {
     "RunMonitor": ("sftkit.state.run_monitor", "RunMonitor"),
     "RunControl": ("sftkit.state.run_monitor", "RunControl"),
+    "ComparisonSession": ("sftkit.state.comparison", "ComparisonSession"),
     "PromptDraft": ("sftkit.state.prompt_draft", "PromptDraft"),
     "PlanEditor": ("sftkit.state.plan_editor", "PlanEditor"),
 }

@@ -13,6 +13,7 @@ _LAZY = {
     "AttentionView": ("sftkit.ui.attention_view", "AttentionView"),
     "RunLauncher": ("sftkit.ui.run_launcher", "RunLauncher"),
     "RunHistory": ("sftkit.ui.run_history", "RunHistory"),
+    "CompareView": ("sftkit.ui.compare_view", "CompareView"),
 }
 __all__ = list(_LAZY)
 
