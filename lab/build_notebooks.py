@@ -260,6 +260,80 @@ NOTEBOOKS["04_training.ipynb"] = [
          "print(sorted(p.name for p in merged.iterdir()))"),
 ]
 
+NOTEBOOKS["05_prompt_vs_finetune.ipynb"] = [
+    md("# 5. Is a prompt enough, or do I need to fine-tune?\n\n"
+       "The same held-out items, three ways: the base model with the prompt alone (**zero-shot**), the "
+       "base model with a few solved examples in the prompt (**few-shot**), and the base model with the "
+       "**adapter** a run trained. Because every variant answers the *same* items, the comparison is "
+       "paired: an exact McNemar test on the items where they disagree, and a bootstrap interval of the "
+       "difference. Then the other side of the bill: what the fine-tune cost elsewhere (forgetting). "
+       "About 5 minutes on a laptop CPU."),
+    md("## A fine-tuned run\n\n"
+       "This reuses a finished *dates* run from notebook 4 if there is one in `runs/`; otherwise it "
+       "trains the example config now (about a minute)."),
+    code("import os\n"
+         "import sftkit\n"
+         "from sftkit.ui import CompareView\n\n"
+         "def finished_dates_run(store):\n"
+         "    for run in reversed(store.runs()):\n"
+         '        if run.state() == "finished" and run.has_adapter() and run.config().data.source == "teaching:dates":\n'
+         "            return run\n\n"
+         'run = finished_dates_run(sftkit.RunStore("runs"))\n'
+         "if run is None:\n"
+         "    config = sftkit.example_config()\n"
+         '    steps = int(os.environ.get("SFTKIT_NOTEBOOK_STEPS", config.training.max_steps))\n'
+         '    config = config.with_changes(training={"max_steps": steps, "eval_every": 0, "sample_every": 0})\n'
+         "    handle = sftkit.launch(config)\n"
+         "    print(handle.wait())\n"
+         "    run = handle.run\n"
+         'print("run:", run.name)'),
+    md("## The items and the variants\n\n"
+       "Held-out items are fresh rows of the task that the run never trained on; the few-shot examples "
+       "come from the run's *training* split (never from the items: sftkit refuses that). One base "
+       "model is loaded once; the adapter is attached to it and switched on and off."),
+    code("split = sftkit.run_rows(run.config())\n"
+         'task = sftkit.teaching_task("dates")\n'
+         "seen = {r[\"text\"] for r in split.train}\n"
+         'n = int(os.environ.get("SFTKIT_NOTEBOOK_ITEMS", 60))\n'
+         "items = [r for r in task.rows(400, seed=12345) if r[\"text\"] not in seen][:n]\n"
+         "model, tokenizer = sftkit.load_model(run.config().model.spec)\n"
+         "variants = [\n"
+         "    sftkit.Variant.zero_shot(split.template),\n"
+         '    sftkit.Variant.few_shot(split.template, split.train[:3], name="few-shot", items=items),\n'
+         "    sftkit.Variant.from_run(run, name=\"adapter\"),\n"
+         "]\n"
+         "view = CompareView(variants, items, model=model, tokenizer=tokenizer, scorer=task.score,\n"
+         '                   cache=run.path / "compare")\n'
+         "view"),
+    md("Generation runs in the background (the progress bar and ETA above; **Stop** keeps what is done). "
+       "When it ends you get a chart per metric family with 95% intervals, the paired table with a "
+       "verdict per pair, the forgetting check, and every item side by side: filter to the *flips* "
+       "(items where the variants disagree) to see what the fine-tune changed. The next cell waits, so "
+       "*Run All* works."),
+    code("view.wait()\n"
+         "result = view.result\n"
+         'for other in ("zero-shot", "few-shot"):\n'
+         '    print(result.verdict("adapter", other))\n'
+         'print(result.verdict("few-shot", "zero-shot"))\n'
+         'f = result.forgetting["adapter"]\n'
+         "print(f\"forgetting: general-text perplexity {f['general_ppl_base']:.2f} -> {f['general_ppl_adapter']:.2f}, \"\n"
+         "      f\"KL(base || adapter) {f['kl']:.4f} per token\")"),
+    md("## When is a prompt enough?\n\n"
+       "- If **few-shot** is not detectably worse than the adapter (the verdict says *no detectable "
+       "difference*, and the interval is narrow enough to rule out a gap you care about), keep the "
+       "prompt: nothing to train, nothing to forget, any base model update for free.\n"
+       "- If the adapter is better with an interval that excludes zero and a small McNemar p, the "
+       "fine-tune earns its place; check the cost elsewhere: a general-text perplexity that rose a lot "
+       "or a large KL means it changed the model beyond the task.\n"
+       "- *No detectable difference* on few items is not *no difference*: the verdict says about how "
+       "many items it would take to see one of the size observed."),
+    md("## Keep the result\n\n"
+       "`snapshot()` leaves the charts and tables in the saved notebook; the per-item results are cached "
+       "in the run folder, so running this notebook again shows them without generating again."),
+    code("view.snapshot()\n"
+         'print(view.export_html("exports/prompt-vs-finetune.html"))'),
+]
+
 OUT_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 
 

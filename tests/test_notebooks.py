@@ -115,3 +115,20 @@ def test_training_notebook_trains_snapshots_and_merges(workdir, monkeypatch):
     runs = [p for p in (workdir / "runs").iterdir() if p.is_dir() and (p / "adapter").is_dir()]
     assert len(runs) == 1, sorted((workdir / "runs").iterdir())
     assert (workdir / "exports" / "dates-merged" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_prompt_vs_finetune_notebook_gives_verdicts_and_forgetting(workdir, monkeypatch):
+    monkeypatch.setenv("SFTKIT_NOTEBOOK_STEPS", "4")
+    monkeypatch.setenv("SFTKIT_NOTEBOOK_ITEMS", "12")
+    nb = run_notebook("05_prompt_vs_finetune.ipynb", workdir)
+    assert shows_a_widget(nb), "the CompareView did not display"
+    text = outputs_text(nb)
+    assert text.count(" on 12 items") >= 3, text[-3000:]  # a verdict per pair
+    assert "forgetting: general-text perplexity" in text and "KL(base || adapter)" in text
+    assert "<table class='sftkit-compare-pairs'" in text and "sftkit-compare-items" in text
+    assert any("application/vnd.plotly.v1+json" in o.get("data", {})
+               for c in nb.cells for o in c.get("outputs", [])), "no static chart was left"
+    assert (workdir / "exports" / "prompt-vs-finetune.html").is_file()
+    run = next(p for p in (workdir / "runs").iterdir() if (p / "adapter").is_dir())
+    assert (run / "compare" / "compare.jsonl").is_file()  # per-item results cached in the run folder

@@ -129,6 +129,7 @@ class CompareView:
 
     def export_html(self, path: str | Path = "comparison.html") -> Path:
         path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(self.report_html(), encoding="utf-8")
         self.message.value = f"wrote <code>{html.escape(str(path))}</code>"
         return path
