@@ -315,9 +315,10 @@ NOTEBOOKS["05_prompt_vs_finetune.ipynb"] = [
          'for other in ("zero-shot", "few-shot"):\n'
          '    print(result.verdict("adapter", other))\n'
          'print(result.verdict("few-shot", "zero-shot"))\n'
-         'f = result.forgetting["adapter"]\n'
-         "print(f\"forgetting: general-text perplexity {f['general_ppl_base']:.2f} -> {f['general_ppl_adapter']:.2f}, \"\n"
-         "      f\"KL(base || adapter) {f['kl']:.4f} per token\")"),
+         'f = result.forgetting.get("adapter")  # none when the comparison was stopped\n'
+         "if f:\n"
+         "    print(f\"forgetting: general-text perplexity {f['general_ppl_base']:.2f} -> {f['general_ppl_adapter']:.2f}, \"\n"
+         "          f\"KL(base || adapter) {f['kl']:.4f} per token\")"),
     md("## When is a prompt enough?\n\n"
        "- If **few-shot** is not detectably worse than the adapter (the verdict says *no detectable "
        "difference*, and the interval is narrow enough to rule out a gap you care about), keep the "

@@ -173,12 +173,23 @@ def _cmd_compare(args) -> int:
     if not items:
         print(f"run {runs[0].name} has no eval rows to compare on; give --data teaching:TASK", file=sys.stderr)
         return 2
+    specs = {(r.config().model.spec, r.config().model.quantization) for r in runs}
+    if len(specs) > 1:
+        print(f"the runs were trained on different base models ({sorted(specs)}); compare runs of one base model",
+              file=sys.stderr)
+        return 2
     scorer = TASKS[task_name].score if task_name in TASKS else None
+    other_task = task_name != cfg.data.teaching_task  # cross-task: what the fine-tune did to another task
     variants = [Variant.zero_shot(template)]
     if args.few_shot:
-        examples = random.Random(cfg.data.split_seed).sample(split.train, min(args.few_shot, len(split.train)))
-        variants.append(Variant.few_shot(template, examples, name=f"few-shot-{len(examples)}", items=items))
-    variants += [Variant.from_run(run) for run in runs]
+        item_keys = {json.dumps([str(r.get(f)) for f in template.input_fields]) for r in items}
+        pool = TASKS[task_name].rows(args.n + 200, seed=cfg.data.split_seed + 2) if other_task else split.train
+        pool = [r for r in pool if json.dumps([str(r.get(f)) for f in template.input_fields]) not in item_keys]
+        examples = random.Random(cfg.data.split_seed).sample(pool, min(args.few_shot, len(pool)))
+        variants.append(Variant.few_shot(template, examples, name="few-shot", items=items))
+    # on another task the adapter answers in that task's template: the cost elsewhere, against zero-shot
+    variants += [Variant(run.name, template, str(run.adapter_dir), False) if other_task else Variant.from_run(run)
+                 for run in runs]
     m = cfg.model
     model, tokenizer = load_model(m.spec, quantization=m.quantization, device=m.device, dtype=m.dtype,
                                   attn_implementation=m.attn_implementation)

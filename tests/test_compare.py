@@ -238,7 +238,7 @@ def test_cli_compare_json(runs, cache):
     assert out.returncode == 0, out.stderr[-2000:]
     data = json.loads(out.stdout.strip().splitlines()[-1])
     assert set(data) == TOP_KEYS
-    assert [v["name"] for v in data["variants"]] == ["zero-shot", "few-shot-2", runs[0].name]
+    assert [v["name"] for v in data["variants"]] == ["zero-shot", "few-shot", runs[0].name]
     assert all(v["n"] == 8 for v in data["variants"])
     assert len(data["pairs"]) == 3 and set(data["pairs"][0]) == PAIR_KEYS
     assert set(data["forgetting"][runs[0].name]) == FORGET_KEYS
@@ -332,3 +332,34 @@ def html_escaped(text):
     import html
 
     return html.escape(text)
+
+
+
+def test_compare_leaves_the_callers_model_and_tokenizer_as_they_were(runs, base):
+    from sftkit.engine.compare import Variant, compare
+
+    model, tok = base
+    model.train()
+    side, pad = tok.padding_side, tok.pad_token
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    names = {n for n, _ in model.named_parameters()}
+    tpl = runs[0].config().resolved_template()
+    with pytest.raises(FileNotFoundError):  # the second adapter is missing: nothing may stay attached
+        compare([Variant.from_run(runs[0]), Variant("gone", tpl, str(runs[0].path / "nowhere"), False)],
+                _split(runs[0]).eval[:2], model=model, tokenizer=tok, forgetting=False)
+    compare([Variant.zero_shot(tpl), Variant.from_run(runs[1])], _split(runs[0]).eval[:2], model=model,
+            tokenizer=tok, forgetting=False)
+    assert {n for n, _ in model.named_parameters()} == names  # no adapter layers left behind
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == grads and model.training
+    assert (tok.padding_side, tok.pad_token) == (side, pad)
+
+
+def test_cli_cross_task_scores_the_adapter_on_the_other_task(runs):
+    env = {**os.environ}
+    out = subprocess.run([sys.executable, "-m", "sftkit", "compare", str(runs[0].path), "--data", "teaching:intent",
+                          "--n", "6", "--few-shot", "2", "--json"], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    data = json.loads(out.stdout)
+    assert [v["name"] for v in data["variants"]] == ["zero-shot", "few-shot", runs[0].name]
+    assert all(v["n"] == 6 for v in data["variants"]) and len(data["pairs"]) == 3
+    assert set(data["forgetting"][runs[0].name]) == FORGET_KEYS

@@ -112,3 +112,18 @@ def test_text_metrics_match_the_libraries_and_their_fixed_points():
     assert exact_match_items([" a ", "b"], ["a", "c"]) == [True, False]
     with pytest.raises(ValueError, match="one reference per output"):
         chrf_items(["a"], [])
+
+
+def test_verdicts_never_overclaim():
+    # every item flipped the same way: a point interval, but the exact test decides
+    a, b = pairs(16, 0, 0, 0)
+    assert paired_verdict("adapter", "zero-shot", paired_bootstrap(a, b), mcnemar_exact(a, b)).startswith(
+        "adapter is better than zero-shot by 100 points (95% CI 100 to 100, p < 0.001) on 16 items")
+    # a non-binary score on one item, or with no spread, and no exact test: nothing is claimed
+    one = paired_verdict("A", "B", paired_bootstrap([0.7], [0.2]), scale=1.0, unit="score")
+    assert one.startswith("no detectable difference") and "0.5 score" in one
+    # few discordant items: the interval may exclude 0 while the exact test does not; the verdict says so
+    a, b = pairs(3, 0, 50, 47)
+    text = paired_verdict("A", "B", paired_bootstrap(a, b), mcnemar_exact(a, b))
+    assert text.startswith("no detectable difference") and "p = 0.250" in text
+    assert paired_bootstrap(a, b).excludes_zero and "the interval excludes 0 but the exact test does not" in text

@@ -145,14 +145,19 @@ def paired_verdict(a_name: str, b_name: str, diff: PairedDifference, test: McNem
     pct = round(diff.confidence * 100)
     d, lo, hi = diff.diff * scale, diff.low * scale, diff.high * scale
     p_text = "" if p is None else (", p < 0.001" if p < 0.001 else f", p = {p:.3f}")
-    significant = diff.excludes_zero and (p is None or p < alpha)
+    fmt = (lambda v: f"{v:.0f}") if max(abs(d), abs(lo), abs(hi)) >= 10 else (lambda v: f"{v:.2g}")
+    # with an exact test, it decides; without one, a point interval (no spread, or one item) proves nothing
+    significant = diff.excludes_zero and (p < alpha if p is not None else diff.n >= 2 and diff.high > diff.low)
     if significant:
         better, worse = (a_name, b_name) if d > 0 else (b_name, a_name)
         lo_abs, hi_abs = sorted((abs(lo), abs(hi)))
-        return (f"{better} is better than {worse} by {abs(d):.0f} {unit} ({pct}% CI {lo_abs:.0f} to {hi_abs:.0f}"
-                f"{p_text}) on {diff.n} items")
+        return (f"{better} is better than {worse} by {fmt(abs(d))} {unit} ({pct}% CI {fmt(lo_abs)} to "
+                f"{fmt(hi_abs)}{p_text}) on {diff.n} items")
     text = (f"no detectable difference between {a_name} and {b_name} on {diff.n} items "
-            f"({a_name} - {b_name} = {d:+.0f} {unit}, {pct}% CI {lo:+.0f} to {hi:+.0f}{p_text})")
+            f"({a_name} - {b_name} = {'+' if d >= 0 else '-'}{fmt(abs(d))} {unit}, {pct}% CI "
+            f"{fmt(lo)} to {fmt(hi)}{p_text})")
+    if diff.excludes_zero and p is not None and p >= alpha:
+        text += f"; the interval excludes 0 but the exact test does not (p = {p:.3f}): too few items disagree"
     if test is not None and test.n:
         needed = mcnemar_items_needed(test.a_only / test.n, test.b_only / test.n, alpha=alpha)
         if needed is not None and needed > diff.n:

@@ -155,6 +155,7 @@ class Comparison:
     inputs: dict[str, list[str]] = field(default_factory=dict)
     references: dict[str, list[str]] = field(default_factory=dict)
     seed: int = 0
+    _pairs: list | None = field(default=None, repr=False, compare=False)  # computed once (bootstraps are slow)
 
     @property
     def n(self) -> int:
@@ -205,6 +206,8 @@ class Comparison:
         difference a - b for each metric, and wins/ties/losses of a on the headline metric."""
         from ..core.stats import mcnemar_exact, paired_bootstrap, win_tie_loss
 
+        if self._pairs is not None:
+            return self._pairs
         out = []
         if self.n == 0:
             return out
@@ -220,6 +223,7 @@ class Comparison:
                 wins, ties, losses = win_tie_loss(pa, pb)
                 out.append({"a": a, "b": b, "n": self.n, "mcnemar": test, "diffs": diffs,
                             "wins": wins, "ties": ties, "losses": losses})
+        self._pairs = out
         return out
 
     def _pair(self, a: str, b: str) -> dict:
@@ -288,20 +292,36 @@ def _attach(model, variants: Sequence[Variant]):
 
     slots: dict[str, str] = {}
     wrapped = False
-    for i, v in enumerate(variants):
-        if v.adapter is None:
-            continue
-        if not (Path(v.adapter) / "adapter_config.json").is_file():
+    for v in variants:  # every adapter is checked before the model is touched
+        if v.adapter is not None and not (Path(v.adapter) / "adapter_config.json").is_file():
             raise FileNotFoundError(f"variant {v.name!r}: {v.adapter} holds no adapter (adapter_config.json)")
-        slot = _adapter_slot(i, v.name)
-        if isinstance(model, PeftModel):
-            model.load_adapter(v.adapter, adapter_name=slot)
-        else:
-            model = PeftModel.from_pretrained(model, v.adapter, adapter_name=slot)
-            wrapped = True
-        slots[v.name] = slot
+    try:
+        for i, v in enumerate(variants):
+            if v.adapter is None:
+                continue
+            slot = _adapter_slot(i, v.name)
+            if isinstance(model, PeftModel):
+                model.load_adapter(v.adapter, adapter_name=slot, is_trainable=False)
+            else:
+                model = PeftModel.from_pretrained(model, v.adapter, adapter_name=slot, is_trainable=False)
+                wrapped = True
+            slots[v.name] = slot
+    except BaseException:
+        _detach(model, slots, wrapped, None)  # a failure half-way leaves the caller's model as it was
+        raise
     model.eval()
     return model, slots, wrapped
+
+
+def _detach(model, slots: dict, wrapped: bool, previous) -> None:
+    """Take out what ``_attach`` added: the adapter layers (a plain model) or the added adapters."""
+    if wrapped:
+        model.unload()
+    elif slots:
+        for slot in slots.values():
+            model.delete_adapter(slot)
+        if previous is not None:
+            model.set_adapter(previous)
 
 
 class _Active:
@@ -319,6 +339,9 @@ class _Active:
                 self._ctx.__enter__()
             else:
                 self.model.set_adapter(self.slot)
+                for name, p in self.model.named_parameters():  # comparing never trains: no grads needed
+                    if "lora_" in name:
+                        p.requires_grad_(False)
         return self.model
 
     def __exit__(self, *exc):
@@ -455,11 +478,15 @@ def compare(variants: Sequence[Variant], rows: Sequence[dict], *, model, tokeniz
             if isinstance(rec, dict) and "variant" in rec and "item" in rec and "result" in rec:
                 cached[(rec["variant"], rec["item"])] = rec["result"]
 
+    import copy
+
     from peft import PeftModel
 
     previous = model.active_adapter if isinstance(model, PeftModel) else None
+    original, was_training = model, model.training
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
     model, slots, wrapped = _attach(model, variants)
-    old_side, old_pad = tokenizer.padding_side, tokenizer.pad_token
+    tokenizer = copy.deepcopy(tokenizer)  # our own padding settings; the caller's tokenizer is untouched
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
@@ -505,14 +532,11 @@ def compare(variants: Sequence[Variant], rows: Sequence[dict], *, model, tokeniz
         if complete and forgetting and slots:
             forget = _forgetting(model, tokenizer, slots, general_text_tokens)
     finally:
-        tokenizer.padding_side, tokenizer.pad_token = old_side, old_pad
-        if wrapped:  # the caller passed a plain model: take the adapter layers out again
-            model.unload()
-        elif slots:
-            for slot in slots.values():
-                model.delete_adapter(slot)
-            if previous is not None:
-                model.set_adapter(previous)
+        _detach(model, slots, wrapped, previous)
+        for n, p in original.named_parameters():  # trainability and mode as the caller left them
+            if n in grads:
+                p.requires_grad_(grads[n])
+        original.train(was_training)
 
     results: dict[str, list[dict]] = {}
     inputs: dict[str, list[str]] = {}

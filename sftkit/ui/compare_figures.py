@@ -41,8 +41,8 @@ def items_table_html(rows: Sequence[dict], names: Sequence[str]) -> str:
             ok = bool(r["scores"].get(n))
             cells.append(f"<td style='background:{'#ecfdf5' if ok else '#fef2f2'}'>"
                          f"{diff_html(str(r['outputs'].get(n, '')), str(r['reference']))}</td>")
-        body.append(f"<tr><td>{int(r['index'])}</td><td>{html.escape(str(r['input']))[:300]}</td>"
-                    f"<td><b>{html.escape(str(r['reference']))[:200]}</b></td>{''.join(cells)}</tr>")
+        body.append(f"<tr><td>{int(r['index'])}</td><td>{html.escape(str(r['input'])[:300])}</td>"
+                    f"<td><b>{html.escape(str(r['reference'])[:200])}</b></td>{''.join(cells)}</tr>")
     return (f"<table class='sftkit-compare-items' style='font-size:12px'><tr><th>#</th><th>input</th>"
             f"<th>reference</th>{head}</tr>{''.join(body)}</table>")
 

@@ -11,6 +11,7 @@ notebooks. Every error from the thread or a button is shown in the message area.
 from __future__ import annotations
 
 import html
+import threading
 from pathlib import Path
 from typing import Sequence
 
@@ -37,20 +38,27 @@ class CompareView:
         self.csv_button = W.Button(description="Export CSV", icon="download")
         self.html_button = W.Button(description="Export HTML", icon="download")
         self.filter = W.Dropdown(options=FILTERS, value="all", description="show")
+        names = [v.name for v in variants]
+        # wins / losses: of the last variant (usually the adapter) over the first (usually zero-shot)
+        self.a = W.Dropdown(options=names, value=names[-1], description="A", layout=W.Layout(width="230px"))
+        self.b = W.Dropdown(options=names, value=names[0], description="vs B", layout=W.Layout(width="230px"))
+        self._lock = threading.RLock()  # the comparison's thread and the kernel both draw
         self.page = W.BoundedIntText(value=1, min=1, max=1, description="page", layout=W.Layout(width="160px"))
         self.pages_label = W.Label("")
         self.charts, self.pairs, self.forgetting, self.items = W.HBox(), W.HTML(), W.HTML(), W.HTML()
         for button, action in ((self.stop_button, self.session.stop), (self.csv_button, self.export_csv),
                                (self.html_button, self.export_html)):
             button.on_click(lambda _, act=action: self._guard(act))
-        self.filter.observe(lambda _: self._guard(self.draw_items), "value")
+        for control in (self.filter, self.a, self.b):
+            control.observe(lambda _: self._guard(self._first_page), "value")
         self.page.observe(lambda _: self._guard(self.draw_items), "value")
         self.session.on_change(self._on_event)
         self.widget = W.VBox([
             W.HBox([self.stop_button, self.progress, self.progress_label]), self.message, self.charts,
             W.HTML("<b>Paired comparisons</b> (same items)"), self.pairs,
             W.HTML("<b>Cost elsewhere</b> (forgetting)"), self.forgetting,
-            W.HBox([self.filter, self.page, self.pages_label, self.csv_button, self.html_button]), self.items])
+            W.HBox([self.filter, self.a, self.b]),
+            W.HBox([self.page, self.pages_label, self.csv_button, self.html_button]), self.items])
         if start:
             self.start()
 
@@ -79,6 +87,9 @@ class CompareView:
             return None
 
     def _on_event(self, event: str) -> None:  # called from the comparison's thread
+        self._guard(lambda: self._event(event))
+
+    def _event(self, event: str) -> None:
         if event == PROGRESS:
             p = self.session.progress()
             self.progress.max, self.progress.value = max(p.total, 1), p.done
@@ -86,10 +97,20 @@ class CompareView:
         elif event == FAILED:
             self.message.value = error_html(self.session.error, "The comparison failed")
         elif event == RESULT:
-            self._guard(self.draw)
+            self.draw()
+
+    def _first_page(self) -> None:
+        if self.page.value != 1:
+            self.page.value = 1  # its observer draws
+        else:
+            self.draw_items()
 
     # ---- drawing --------------------------------------------------------------------------------
     def draw(self) -> None:
+        with self._lock:
+            self._draw()
+
+    def _draw(self) -> None:
         res = self.result
         if res is None:
             return
@@ -102,7 +123,13 @@ class CompareView:
         self.draw_items()
 
     def draw_items(self) -> None:
-        rows = self.session.item_rows(self.filter.value)
+        with self._lock:
+            self._draw_items()
+
+    def _draw_items(self) -> None:
+        if self.result is None:
+            return
+        rows = self.session.item_rows(self.filter.value, self.a.value, self.b.value)
         shown, pages = self.session.page(rows, self.page.value - 1)
         self.page.max = pages
         self.pages_label.value = f"of {pages} ({len(rows)} items)"
@@ -141,4 +168,5 @@ class CompareView:
         for fig in self.figures():
             display(fig)
         display(HTML(F.pairs_table_html(self.result) + F.forgetting_html(self.result)
-                     + F.items_table_html(self.session.item_rows("errors")[:50], list(self.result.variants))))
+                     + F.items_table_html(self.session.item_rows("flips", self.a.value, self.b.value)[:50],
+                                          list(self.result.variants))))
