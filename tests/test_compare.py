@@ -363,3 +363,27 @@ def test_cli_cross_task_scores_the_adapter_on_the_other_task(runs):
     assert [v["name"] for v in data["variants"]] == ["zero-shot", "few-shot", runs[0].name]
     assert all(v["n"] == 6 for v in data["variants"]) and len(data["pairs"]) == 3
     assert set(data["forgetting"][runs[0].name]) == FORGET_KEYS
+
+
+
+def test_the_cache_key_follows_what_the_answers_depend_on(runs, base, tmp_path):
+    import copy
+    import shutil
+
+    from sftkit.engine.compare import Variant
+
+    model, tok = base
+    tpl = runs[0].config().resolved_template()
+    zero = Variant.zero_shot(tpl)
+    key = zero.fingerprint(model, tok)
+    assert zero.fingerprint(model, tok) == key
+    other_chat = copy.deepcopy(tok)
+    other_chat.chat_template = (tok.chat_template or "") + "{# changed #}"
+    assert zero.fingerprint(model, other_chat) != key  # another chat template renders other prompts
+    assert Variant.zero_shot(tpl, max_new_tokens=8).fingerprint(model, tok) != key
+    adapter = tmp_path / "adapter"
+    shutil.copytree(runs[0].adapter_dir, adapter)
+    tuned = Variant("tuned", tpl, str(adapter), False)
+    before = tuned.fingerprint(model, tok)
+    shutil.copy2(runs[1].adapter_dir / "adapter_model.safetensors", adapter / "adapter_model.safetensors")
+    assert tuned.fingerprint(model, tok) != before  # other adapter weights: other answers

@@ -87,6 +87,10 @@ class Variant:
             "template": self.template.to_dict(),
             "few_shot": self.few_shot,
             "max_new_tokens": self.max_new_tokens,
+            "chat_template": getattr(tokenizer, "chat_template", None),
+            "dtype": str(getattr(base, "dtype", "")),
+            "quantization": str(getattr(getattr(base, "config", None), "quantization_config", None)),
+            "weights": _weights_identity(getattr(getattr(base, "config", None), "_name_or_path", "")),
         }
         h.update(json.dumps(parts, sort_keys=True, default=str).encode())
         if self.adapter is not None:
@@ -95,6 +99,16 @@ class Variant:
                     h.update(f.name.encode())
                     h.update(f.read_bytes())
         return h.hexdigest()[:24]
+
+
+def _weights_identity(folder: str) -> list:
+    """Names, sizes and modification times of a local model folder's weight files: a model replaced
+    in the same folder (a new merge, a new conversion) gets a new cache key."""
+    path = Path(folder) if folder else None
+    if path is None or not path.is_dir():
+        return []
+    return [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(path.iterdir())
+            if f.suffix in (".safetensors", ".bin", ".gguf")]
 
 
 def _few_shot(cls, template: Template, examples: Sequence[dict], name: str = "few-shot", *,
