@@ -146,3 +146,16 @@ def running_lab(folder: Path, cache: Path):
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def missing_piece(why: str, *, ci_message: str | None = None) -> None:
+    """A piece the set-up (`make test`) installs is missing: under CI the test fails (with
+    ``ci_message``, default: ``why`` and that `make test` must install it), elsewhere it is skipped,
+    saying why. Never a silent skip in CI."""
+    if in_ci():
+        pytest.fail(f"CI={os.environ['CI']}: " + (ci_message or f"{why}; `make test` must install it"), pytrace=False)
+    pytest.skip(why)

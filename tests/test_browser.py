@@ -17,14 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from helpers import linked_cache, project_copy, running_lab
+from helpers import linked_cache, missing_piece, project_copy, running_lab
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium")
-
-
-def in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 
 def missing_browser() -> str | None:
@@ -44,9 +40,7 @@ def browser_ready():  # session scope: checked before the (session) default mode
     why = missing_browser()
     if why is None:
         return
-    if in_ci():
-        pytest.fail(f"CI={os.environ['CI']}: the browser tests must run, but {why}", pytrace=False)
-    pytest.skip(why)
+    missing_piece(why, ci_message=f"the browser tests must run, but {why}")
 
 
 @pytest.fixture(scope="module")
@@ -244,8 +238,8 @@ def test_without_chromium_the_browser_tests_fail_under_ci_and_skip_saying_why_el
 
 
 def test_without_playwright_the_browser_tests_fail_under_ci(tmp_path):
-    if CHROMIUM is None:
-        pytest.skip("this check hides playwright where chromium is installed")
+    if CHROMIUM is None:  # it hides playwright where chromium is installed, which `make test` does
+        missing_piece("Debian chromium not installed (this check hides playwright where chromium is)")
     stub = tmp_path / "stub" / "playwright"
     stub.mkdir(parents=True)
     (stub / "__init__.py").write_text("raise ImportError('playwright hidden by the test')\n")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from abc import ABC, abstractmethod
 from dataclasses import MISSING, dataclass, field
 from typing import Any, ClassVar
 
@@ -52,9 +53,11 @@ def _fmt(x: float) -> str:
 
 # ---- allowed values -----------------------------------------------------------------------------
 @dataclass(frozen=True, kw_only=True)
-class Allowed:
-    """What a field allows. ``null``: None when null is not allowed, else what null means ("" for
-    nothing to say); ``note``: a word on special values, shown after the description."""
+class Allowed(ABC):
+    """What a field allows (each kind below says which values and in which words).
+
+    ``null``: None when null is not allowed, else what null means ("" for nothing to say);
+    ``note``: a word on special values, shown after the description."""
 
     null: str | None = None
     note: str = ""
@@ -81,12 +84,14 @@ class Allowed:
         """The value as the field stores it, after the check."""
         return value
 
-    # for the kinds below
+    # each kind says these
+    @abstractmethod
     def accepts(self, value) -> bool:
-        raise NotImplementedError
+        """Whether ``value`` (already coerced) is allowed, null aside."""
 
+    @abstractmethod
     def base_description(self) -> str:
-        raise NotImplementedError
+        """The allowed values in words, without null and note."""
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from ..core.faults import fault_point
 from ..core.runconfig import AdapterConfig, RunConfig
 from ..core.rundata import render_rows, run_rows
 from ..core.runopen import OpenRun, open_run
-from ..core.runproto import RunState
+from ..core.runproto import ProcessId, RunState
 from ..core.runstore import DeviceLock, RunFolder, RunStateError, RunWriter
 from ..core.template import Template
 from .recipes import RunResult
@@ -259,7 +259,7 @@ def run_training(cfg: RunConfig, run: RunFolder | None = None, *, resume: bool =
         setting = Setting(device, plan_words.compute_dtype, plan_words.quantization, plan_words.dtype, world)
         run = _share_run_folder(cfg, run, setting)
         return RECIPES["sft"](cfg, run, writer, opened.rows if opened is not None else run_rows(cfg), setting,
-                              resume=resume, stop_signal=stop_signal, process_started=_process_start_time())
+                              resume=resume, stop_signal=stop_signal, process_started=ProcessId.current().start or time.time())
     except Exception as exc:  # every failure ends as a state with a message in the run folder
         message = _failure_message(exc)
         if writer is not None:
@@ -285,15 +285,6 @@ def _record_failure(run: RunFolder, writer: RunWriter, message: str) -> None:
             writer.event("failed", message=message)
     except Exception:  # noqa: BLE001 - the original error is re-raised or returned by the caller
         pass
-
-
-def _process_start_time() -> float:
-    try:
-        import psutil
-
-        return psutil.Process().create_time()
-    except Exception:  # noqa: BLE001 - psutil missing or restricted: fall back to now
-        return time.time()
 
 
 def _in_main_thread() -> bool:

@@ -106,10 +106,10 @@ class AttentionView:
         self.query.observe(lambda _: self.refresh_row(), names="value")  # the heatmap stays as it is
         self.window_size.observe(self._resize, names="value")
 
-        title = ("Attention change: " + html.escape(f"{data.before.label or 'before'} \u2192 {data.after.label or 'after'}")
-                 if self.diff else "Attention" + (f": {html.escape(cap.label)}" if cap.label else ""))
+        title = (f"Attention change: {data.before.label or 'before'} \u2192 {data.after.label or 'after'}"
+                 if self.diff else "Attention" + (f": {cap.label}" if cap.label else ""))  # labels: the user's text
         self.widget = W.VBox([
-            W.HTML(f"<b>{title}</b> &middot; {T} tokens, {len(cap.layers)} layers x {H} heads"),
+            W.HTML(f"<b>{html.escape(title)}</b> &middot; {int(T)} tokens, {len(cap.layers)} layers x {int(H)} heads"),
             W.HBox([W.VBox([self.summary, self.grid]), W.VBox([
                 W.HBox([self.layer, self.head]), W.HBox([self.window_start, self.window_size]),
                 self.heatmap, self.query, self.row_plot, self.info])]),
