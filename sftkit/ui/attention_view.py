@@ -18,6 +18,7 @@ import plotly.graph_objects as go
 from ..core.errors import SftkitError
 from ..engine.attention import AttentionCapture, AttentionDiff, AttentionTooLargeError
 from . import figures
+from .render import error_html
 
 
 class AttentionView:
@@ -92,7 +93,7 @@ class AttentionView:
             row = [W.Label(str(layer), layout=W.Layout(width="44px"))]
             for h in range(H):
                 b = W.Button(layout=W.Layout(width="46px", height="20px", margin="1px"))
-                b.on_click(lambda _, layer=layer, h=h: self.select(layer, h))
+                b.on_click(lambda _, layer=layer, h=h: self._guard(self.select, layer, h))
                 self.cells[(layer, h)] = b
                 row.append(b)
             rows.append(W.HBox(row, layout=W.Layout(flex="0 0 auto", min_height="22px")))
@@ -100,11 +101,11 @@ class AttentionView:
         self.heatmap = go.FigureWidget(figures.heatmap_figure(np.zeros((1, 1)), ["0"], diverging=self.diff))
         self.row_plot = go.FigureWidget(figures.row_figure(np.zeros(1), ["0"], diverging=self.diff))
 
-        self.summary.observe(lambda _: self.refresh_grid(), names="value")
+        self.summary.observe(lambda _: self._guard(self.refresh_grid), names="value")
         for w in (self.layer, self.head, self.window_start):
-            w.observe(lambda _: self.refresh_map(), names="value")
-        self.query.observe(lambda _: self.refresh_row(), names="value")  # the heatmap stays as it is
-        self.window_size.observe(self._resize, names="value")
+            w.observe(lambda _: self._guard(self.refresh_map), names="value")
+        self.query.observe(lambda _: self._guard(self.refresh_row), names="value")  # the heatmap stays as it is
+        self.window_size.observe(lambda ch: self._guard(self._resize, ch), names="value")
 
         title = (f"Attention change: {data.before.label or 'before'} \u2192 {data.after.label or 'after'}"
                  if self.diff else "Attention" + (f": {cap.label}" if cap.label else ""))  # labels: the user's text
@@ -116,6 +117,14 @@ class AttentionView:
         ])
         self.refresh_grid()
         self.refresh_map()
+
+    def _guard(self, action, *args):
+        """Every error of a control is shown in the info line, never lost in the browser's log."""
+        try:
+            return action(*args)
+        except Exception as exc:  # noqa: BLE001
+            self.info.value = error_html(exc, "Not shown")
+            return None
 
     def _ipython_display_(self):
         from IPython.display import display

@@ -20,7 +20,7 @@ import plotly.graph_objects as go
 
 from ..state.comparison import FAILED, FILTERS, PROGRESS, RESULT, ComparisonSession
 from . import compare_figures as F
-from .run_view import error_html
+from .render import error_html
 
 
 class CompareView:

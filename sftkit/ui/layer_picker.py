@@ -13,6 +13,7 @@ import ipywidgets as W
 from ..core.plan import PRESETS
 from ..engine.freeze import FreezePlan
 from ..state.plan_editor import GROUPS, PLAN, PlanEditor
+from .render import error_html
 
 COLOURS = {"off": "#e5e7eb", "lora": "#86efac", "full": "#fdba74"}
 HELP = """
@@ -82,8 +83,9 @@ class LayerPicker:
             "checkpointing": lambda v: ed.set_budget(gradient_checkpointing=v),
             **{g: (lambda v, g=g: ed.set_group(g, v)) for g in GROUPS}}
         for name, setter in setters.items():
-            getattr(self, name).observe(lambda ch, f=setter: None if self._syncing else f(ch["new"]), names="value")
-        self.apply_preset_button.on_click(lambda _: self.apply_preset())
+            getattr(self, name).observe(lambda ch, f=setter: None if self._syncing else self._guard(f, ch["new"]),
+                                        names="value")
+        self.apply_preset_button.on_click(lambda _: self._guard(self.apply_preset))
         ed.on_change(self._redraw)
 
         self.widget = W.VBox([
@@ -112,7 +114,7 @@ class LayerPicker:
             row = [W.Label(str(b), layout=W.Layout(width="48px"))]
             for c in self.editor.columns:
                 self.cells[(b, c)] = btn = W.Button(layout=W.Layout(width="86px", height="24px", margin="1px"))
-                btn.on_click(lambda _, b=b, c=c: self.toggle(b, c))
+                btn.on_click(lambda _, b=b, c=c: self._guard(self.toggle, b, c))
                 row.append(btn)
             rows.append(W.HBox(row, layout=W.Layout(flex="0 0 auto", min_height="26px")))  # rows keep their height
         return W.VBox(rows, layout=W.Layout(max_height="420px", overflow_y="auto"))
@@ -148,6 +150,14 @@ class LayerPicker:
     # ---- drawing ---------------------------------------------------------------------------
     def refresh(self) -> None:
         self._redraw(PLAN)
+
+    def _guard(self, action, *args):
+        """Every error of a control is shown in the messages area, never lost in the browser's log."""
+        try:
+            return action(*args)
+        except Exception as exc:  # noqa: BLE001
+            self.messages.value = error_html(exc, "Not applied")
+            return None
 
     def _sync_controls(self) -> None:
         ed = self.editor

@@ -79,3 +79,10 @@ def answer_html(model_text: str, expected: str, *, running: bool, note: str = ""
             f'padding-left:6px"><b>Model:</b> {html.escape(model_text)}</div>'
             f'<div style="font-family:monospace;color:#6b7280"><b>Dataset:</b> {html.escape(expected)}</div>'
             f'<div style="color:#6b7280">{state}</div>')
+
+
+def error_html(exc: Exception, what: str) -> str:
+    from ..core.errors import SftkitError
+
+    text = str(exc) if isinstance(exc, SftkitError) else f"{type(exc).__name__}: {exc}"
+    return f"<span style='color:#b91c1c'><b>{html.escape(what)}:</b> {html.escape(text)}</span>"

@@ -18,7 +18,8 @@ from ..core.runstore import RunFolder
 from ..core.template import Template
 from ..state.run_monitor import RunControl
 from .knobs import knob_value, knob_widget
-from .run_view import RunView, error_html
+from .render import error_html
+from .run_view import RunView
 
 # the knobs shown (dotted config fields, in order); the rest is in the YAML below them
 KNOBS = ("name", "training.max_steps", "training.epochs", "training.batch_size", "training.grad_accum",

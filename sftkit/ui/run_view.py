@@ -16,19 +16,14 @@ from typing import Callable
 import ipywidgets as W
 import plotly.graph_objects as go
 
-from ..core.errors import SftkitError
 from ..core.runproto import ACTIVE_STATES
 from ..state.run_monitor import RunMonitor
 from . import run_figures
 from .live import Poller
+from .render import error_html  # noqa: F401 - views import it from here too
 
 STATE_COLOURS = {"pending": "#6b7280", "running": "#2563eb", "stopping": "#d97706", "finished": "#047857",
                  "stopped": "#d97706", "failed": "#b91c1c", "interrupted": "#b91c1c", "idle": "#6b7280"}
-
-
-def error_html(exc: Exception, what: str) -> str:
-    text = str(exc) if isinstance(exc, SftkitError) else f"{type(exc).__name__}: {exc}"
-    return f"<span style='color:#b91c1c'><b>{html.escape(what)}:</b> {html.escape(text)}</span>"
 
 
 class RunView:
