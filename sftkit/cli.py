@@ -170,6 +170,9 @@ def _cmd_compare(args) -> int:
         items = fresh[: args.n]
     else:
         items = split.eval[: args.n]
+        if 0 < len(items) < args.n:
+            print(f"note: run {runs[0].name} holds {len(items)} eval rows, fewer than --n {args.n}; give --data "
+                  f"teaching:TASK for fresh rows", file=sys.stderr)
     if not items:
         print(f"run {runs[0].name} has no eval rows to compare on; give --data teaching:TASK", file=sys.stderr)
         return 2
@@ -193,19 +196,26 @@ def _cmd_compare(args) -> int:
     m = cfg.model
     model, tokenizer = load_model(m.spec, quantization=m.quantization, device=m.device, dtype=m.dtype,
                                   attn_implementation=m.attn_implementation)
+    task = TASKS.get(task_name)
+    labels = dict(labels=task.label, classes=task.classes) if task is not None and task.label else {}
     result = compare(variants, items, model=model, tokenizer=tokenizer, scorer=scorer,
-                     cache=runs[0].path / "compare")
+                     cache=runs[0].path / "compare", **labels)
     data = result.to_dict()
     if args.json:
         print(json.dumps(data))
         return 0
     metric = "task score" if scorer is not None else "exact match"
-    print(f"{'variant':40} {metric:>11} {'95% CI':>15} {'n':>5}")
+    f1_head = f" {'macro-F1':>9} {'95% CI':>11}" if result.labelled else ""
+    print(f"{'variant':40} {metric:>11} {'95% CI':>15} {'n':>5}{f1_head}")
     for v in data["variants"]:
         lo, hi = v["ci"]
         ci = f"{lo:.0%}-{hi:.0%}" if lo is not None and hi is not None else "-"
         score = f"{v['score']:.1%}" if v["score"] is not None else "-"
-        print(f"{v['name']:40} {score:>11} {ci:>15} {v['n']:>5}")
+        f1 = ""
+        if "macro_f1" in v:
+            f1_lo, f1_hi = v["macro_f1_ci"]
+            f1 = f" {v['macro_f1']:>9.3f} {f'{f1_lo:.2f}-{f1_hi:.2f}':>11}"
+        print(f"{v['name']:40} {score:>11} {ci:>15} {v['n']:>5}{f1}")
     print()
     for p in data["pairs"]:
         print(result.verdict(p["a"], p["b"]))

@@ -117,11 +117,12 @@ def project_copy(folder: Path) -> Path:
 
 
 @contextlib.contextmanager
-def running_lab(folder: Path, cache: Path):
-    """lab/start.sh of a project copy in ``folder``; yields base URL, token, log and the notebooks folder."""
+def running_lab(folder: Path, cache: Path, **extra_env: str):
+    """lab/start.sh of a project copy in ``folder``; yields base URL, token, log and the notebooks folder.
+    ``extra_env``: more environment for the server and its kernels (e.g. the notebooks' fast profile)."""
     port = free_port()
     log = folder / "lab.log"
-    env = dict(os.environ, CI="true", VENV=str(ROOT / ".venv"), SFTKIT_CACHE_DIR=str(cache))
+    env = dict(os.environ, CI="true", VENV=str(ROOT / ".venv"), SFTKIT_CACHE_DIR=str(cache), **extra_env)
     with open(log, "w") as fh:
         proc = subprocess.Popen(["bash", str(folder / "lab" / "start.sh"), "--no-browser", f"--port={port}"],
                                 stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)

@@ -48,7 +48,8 @@ def lab(browser_ready, tmp_path_factory, default_model_folder):
     """JupyterLab on a project copy; its kernels use a private cache linking the default model."""
     work = tmp_path_factory.mktemp("browser-lab")
     cache = linked_cache(work / "cache", default_model_folder)
-    with running_lab(project_copy(work / "project"), cache) as info:
+    # the comparison notebook compares on 8 items (its fast profile); the training notebook keeps its steps
+    with running_lab(project_copy(work / "project"), cache, SFTKIT_NOTEBOOK_ITEMS="8") as info:
         yield info
 
 
@@ -210,6 +211,41 @@ def test_run_launcher_start_grows_the_loss_curve_and_stop_ends_it(lab, page, tmp
     # The run folder went to the lab's copy of notebooks/, not the repository's.
     runs = [p for p in (lab["notebooks"] / "runs").iterdir() if p.is_dir()]
     assert runs and all((r / "config.yaml").is_file() for r in runs)
+
+
+def test_compare_view_renders_the_summary_chart_and_the_per_item_table(lab, page, tmp_path):
+    panel = open_alone(page, lab, "05_prompt_vs_finetune.ipynb", "compare-test")
+    run_all(page)
+    try:
+        table = panel.locator("table.sftkit-compare-items").first
+        table.wait_for(timeout=420_000)  # trains the example config when runs/ holds no finished dates run
+        wait_for_all_cells(page)
+        assert table.locator("tr").count() == 1 + 8  # header + the 8 items, every variant side by side
+        head = table.locator("tr").first.inner_text()
+        assert all(name in head for name in ("zero-shot", "few-shot", "adapter"))
+        pairs = panel.locator("table.sftkit-compare-pairs").first
+        assert pairs.locator("tr").count() == 1 + 3 and "on 8 items" in pairs.inner_text()
+        # the summary charts are drawn: one bar per variant in the headline chart, an error bar on each
+        chart = panel.locator(".js-plotly-plot", has=page.locator(".gtitle", has_text="score (95% CI)")).first
+        chart.wait_for(timeout=30_000)
+        assert chart.locator(".barlayer .point").count() == 3
+        assert chart.locator(".errorbar").count() == 3
+        # the filter redraws the table through the kernel: A's losses (the adapter wrong, zero-shot right)
+        panel.locator(".widget-dropdown select").first.select_option("losses")
+        label = panel.locator(".widget-label", has_text=re.compile(r"^of \d+ \(\d+ items\)$")).first
+        page.wait_for_function("el => !el.textContent.includes('(8 items)')", arg=label.element_handle(),
+                               timeout=30_000)
+        losses = int(re.search(r"\((\d+) items\)", label.inner_text()).group(1))
+        assert 0 <= losses < 8
+        live = panel.locator(".jp-OutputArea-output").filter(has=page.locator(".widget-dropdown")).first
+        if losses:
+            assert live.locator("table.sftkit-compare-items tr").count() == 1 + losses
+        else:
+            live.get_by_text("no items to show with this filter").first.wait_for(timeout=10_000)
+    except Exception:
+        page.screenshot(path="/tmp/sftkit-compare-failure.png", full_page=True)
+        raise
+    page.screenshot(path=str(tmp_path / "compare.png"), full_page=True)
 
 
 # ---- the guard against skipping in CI ------------------------------------------------------

@@ -7,6 +7,7 @@ import pytest
 
 from sftkit.core.stats import (
     McNemar,
+    bootstrap_statistic,
     mcnemar_exact,
     mcnemar_items_needed,
     paired_bootstrap,
@@ -14,7 +15,15 @@ from sftkit.core.stats import (
     wilson_interval,
     win_tie_loss,
 )
-from sftkit.core.textmetrics import bleu_items, chrf_items, corpus_bleu, corpus_chrf, exact_match_items, rouge_l_items
+from sftkit.core.textmetrics import (
+    bleu_items,
+    chrf_items,
+    corpus_bleu,
+    corpus_chrf,
+    exact_match_items,
+    macro_f1,
+    rouge_l_items,
+)
 
 
 def pairs(a_only, b_only, both, neither):
@@ -127,3 +136,34 @@ def test_verdicts_never_overclaim():
     text = paired_verdict("A", "B", paired_bootstrap(a, b), mcnemar_exact(a, b))
     assert text.startswith("no detectable difference") and "p = 0.250" in text
     assert paired_bootstrap(a, b).excludes_zero and "the interval excludes 0 but the exact test does not" in text
+
+
+def test_macro_f1_by_hand():
+    # class a: 1 hit, 1 false alarm, 0 misses -> F1 2/3; class b: 1 hit, 0 false alarms, 2 misses -> F1 1/2
+    assert macro_f1(["a", "b", "a", "x"], ["a", "b", "b", "b"]) == pytest.approx((2 / 3 + 1 / 2) / 2)
+    # an answer outside the classes ("x") is a miss for its item; a class with no reference still counts
+    assert macro_f1(["x", "x"], ["a", "a"], labels=["a", "b"]) == 0.0
+    assert macro_f1(["a", "b"], ["a", "b"]) == 1.0
+    # a rare class weighs as much as a common one: always answering the common class scores 0.5 * F1
+    assert macro_f1(["a"] * 10, ["a"] * 9 + ["b"]) == pytest.approx((2 * 0.9 / 1.9) / 2)
+    with pytest.raises(ValueError, match="one reference per output"):
+        macro_f1(["a"], [])
+
+
+def test_bootstrap_statistic_covers_and_agrees_with_the_paired_bootstrap():
+    rng = np.random.default_rng(2)
+    true, n, sims, hits = 0.3, 40, 150, 0
+    for i in range(sims):
+        base = rng.normal(0, 1, n)
+        a, b = base + true + rng.normal(0, 0.5, n), base + rng.normal(0, 0.5, n)
+        ci = bootstrap_statistic(n, lambda idx: float(np.mean(a[idx] - b[idx])), n_resamples=999, seed=i)
+        hits += ci.low <= true <= ci.high
+    assert 0.88 <= hits / sims <= 0.99, hits / sims
+    a, b = rng.normal(0, 1, 60), rng.normal(0, 1, 60)
+    stat = bootstrap_statistic(60, lambda idx: float(np.mean(a[idx] - b[idx])), seed=5)
+    assert stat == bootstrap_statistic(60, lambda idx: float(np.mean(a[idx] - b[idx])), seed=5)  # seeded
+    ref = paired_bootstrap(a, b, seed=5)
+    assert stat.diff == pytest.approx(ref.diff)
+    assert stat.low == pytest.approx(ref.low, abs=0.1) and stat.high == pytest.approx(ref.high, abs=0.1)
+    one = bootstrap_statistic(1, lambda idx: 0.25)
+    assert (one.diff, one.low, one.high, one.n) == (0.25, 0.25, 0.25, 1)

@@ -119,6 +119,19 @@ def _score_intent(prediction: str, row: dict) -> float:
     return 1.0 if isinstance(got, dict) and got == want else 0.0
 
 
+INVALID = "(invalid)"
+
+
+def _intent_label(text: str) -> str:
+    """The intent an answer names, or ``(invalid)`` when it is not the task's JSON object."""
+    try:
+        got = json.loads(str(text).strip())
+    except (json.JSONDecodeError, ValueError):
+        return INVALID
+    intent = got.get("intent") if isinstance(got, dict) else None
+    return intent if isinstance(intent, str) and intent in _INTENTS else INVALID
+
+
 @dataclass(frozen=True)
 class TeachingTask:
     name: str
@@ -127,6 +140,8 @@ class TeachingTask:
     make_row: Callable[[random.Random], dict]
     scorer: Callable[[str, dict], float]
     default_size: int = 600
+    label: Callable[[str], str] | None = None  # label tasks: the class an answer names (for macro-F1)
+    classes: tuple[str, ...] = ()
 
     def rows(self, n: int | None = None, seed: int = 0) -> list[dict]:
         """``n`` distinct rows (no input repeats, so an eval split never holds a training row)."""
@@ -179,6 +194,8 @@ TASKS: dict[str, TeachingTask] = {
         ),
         make_row=_intent_row,
         scorer=_score_intent,
+        label=_intent_label,
+        classes=tuple(sorted(_INTENTS)),
     ),
 }
 

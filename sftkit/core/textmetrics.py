@@ -1,5 +1,5 @@
 """Text metrics through maintained libraries (imported on first use): chrF and BLEU from sacrebleu,
-ROUGE-L from rouge-score, exact match. Per-item scores (for paired statistics) and corpus scores.
+ROUGE-L from rouge-score, macro-F1 from scikit-learn, exact match. Per-item scores (for paired statistics) and corpus scores.
 
 chrF and BLEU are on sacrebleu's 0-100 scale; ROUGE-L F1 and exact match are in [0, 1].
 """
@@ -59,3 +59,17 @@ def exact_match_items(hyps: Sequence[str], refs: Sequence[str]) -> list[bool]:
     """Output equals reference after trimming white space."""
     _check(hyps, refs)
     return [h.strip() == r.strip() for h, r in zip(hyps, refs)]
+
+
+def macro_f1(predicted: Sequence[str], reference: Sequence[str], labels: Sequence[str] | None = None) -> float:
+    """Macro-averaged F1 over the classes (scikit-learn): every class weighs the same, however rare.
+
+    labels: the classes averaged over (default: those in ``reference``); a prediction outside them (an
+    unparseable answer, a made-up class) counts as a miss for the item's true class."""
+    from sklearn.metrics import f1_score
+
+    _check(predicted, reference)
+    if not reference:
+        raise ValueError("macro-F1 needs at least one item")
+    labels = sorted(set(reference)) if labels is None else list(labels)
+    return float(f1_score(list(reference), list(predicted), labels=labels, average="macro", zero_division=0))

@@ -3,9 +3,9 @@
 A variant is a template (zero-shot or with few-shot examples) and optionally a trained adapter.
 The base model is loaded once by the caller; adapters are attached to it once and switched, and
 the base variants run with the adapters disabled. Each item gets, per variant: the output, its
-latency and token count, the task score (when a scorer is given), exact match, chrF, ROUGE-L,
-and the reference answer's mean token loss and perplexity (teacher-forced, on the tokens the
-template trains). Adapters are also checked for forgetting: perplexity on general text (the
+latency and token count, the task score (when a scorer is given), exact match, chrF, BLEU,
+ROUGE-L, and the reference answer's mean token loss and perplexity (teacher-forced, on the answer
+and its end of turn). Label tasks (a ``labels`` function) also get macro-F1 over the classes. Adapters are also checked for forgetting: perplexity on general text (the
 Python documentation shipped with every Python) and the KL divergence from the base model.
 
     model, tokenizer = sftkit.load_model(run.config().model.spec)
@@ -31,7 +31,7 @@ from ..core.runstore import append_jsonl, read_jsonl
 from ..core.template import Template, as_text
 
 CACHE_FILE = "compare.jsonl"
-METRICS = ("score", "exact_match", "chrf", "rouge_l", "ref_loss", "ref_ppl")
+METRICS = ("score", "exact_match", "chrf", "bleu", "rouge_l", "ref_loss", "ref_ppl")
 BINARY = ("score", "exact_match")
 
 
@@ -169,6 +169,7 @@ class Comparison:
     inputs: dict[str, list[str]] = field(default_factory=dict)
     references: dict[str, list[str]] = field(default_factory=dict)
     seed: int = 0
+    labels: list[str] | None = None  # label tasks: the classes macro-F1 averages over
     _pairs: list | None = field(default=None, repr=False, compare=False)  # computed once (bootstraps are slow)
 
     @property
@@ -182,6 +183,26 @@ class Comparison:
 
     def values(self, variant: str, metric: str) -> list[float]:
         return [float(r[metric]) for r in self.results[variant][: self.n]]
+
+    @property
+    def labelled(self) -> bool:
+        """A label task: each result holds the predicted ``label`` and the reference's ``ref_label``."""
+        return bool(self.labels)
+
+    def macro_f1(self, variant: str, indices=None) -> float:
+        """Macro-F1 of ``variant`` over the classes (on ``indices`` of the items, default all)."""
+        from ..core.textmetrics import macro_f1
+
+        rows = self.results[variant][: self.n]
+        if indices is not None:
+            rows = [rows[int(i)] for i in indices]
+        return macro_f1([r["label"] for r in rows], [r["ref_label"] for r in rows], self.labels)
+
+    def macro_f1_ci(self, variant: str) -> tuple[float, float, float]:
+        from ..core.stats import bootstrap_statistic
+
+        d = bootstrap_statistic(self.n, lambda i: self.macro_f1(variant, i), seed=self.seed)
+        return d.diff, d.low, d.high
 
     # ---- summaries ---------------------------------------------------------------------------
     def _mean_ci(self, values: list[float]) -> tuple[float, float, float]:
@@ -210,6 +231,9 @@ class Comparison:
                     s[m + "_ci"] = self._mean_ci(vals)[1:]
             seconds = sum(r["latency"] for r in rows)
             tokens = sum(r["tokens"] for r in rows)
+            if self.labelled and rows:
+                s["macro_f1"], *s["macro_f1_ci"] = self.macro_f1_ci(v)
+                s["macro_f1_ci"] = tuple(s["macro_f1_ci"])
             s["latency"] = seconds / len(rows) if rows else math.nan
             s["tokens_per_s"] = tokens / seconds if seconds > 0 else math.nan
             out[v] = s
@@ -218,7 +242,7 @@ class Comparison:
     def pairs(self) -> list[dict]:
         """For every pair (a, b): McNemar on the binary score, a seeded paired bootstrap CI of the mean
         difference a - b for each metric, and wins/ties/losses of a on the headline metric."""
-        from ..core.stats import mcnemar_exact, paired_bootstrap, win_tie_loss
+        from ..core.stats import bootstrap_statistic, mcnemar_exact, paired_bootstrap, win_tie_loss
 
         if self._pairs is not None:
             return self._pairs
@@ -234,6 +258,9 @@ class Comparison:
                     xa, xb = self.values(a, m), self.values(b, m)
                     if all(math.isfinite(x) for x in xa + xb):
                         diffs[m] = paired_bootstrap(xa, xb, seed=self.seed)
+                if self.labelled:
+                    diffs["macro_f1"] = bootstrap_statistic(
+                        self.n, lambda idx, a=a, b=b: self.macro_f1(a, idx) - self.macro_f1(b, idx), seed=self.seed)
                 wins, ties, losses = win_tie_loss(pa, pb)
                 out.append({"a": a, "b": b, "n": self.n, "mcnemar": test, "diffs": diffs,
                             "wins": wins, "ties": ties, "losses": losses})
@@ -268,7 +295,11 @@ class Comparison:
         for v in self.variants:
             vals = self.values(v, self.primary)
             mean, lo, hi = self._mean_ci(vals)
-            variants.append({"name": v, "score": _finite(mean), "ci": [_finite(lo), _finite(hi)], "n": len(vals)})
+            entry = {"name": v, "score": _finite(mean), "ci": [_finite(lo), _finite(hi)], "n": len(vals)}
+            if self.labelled and vals:
+                f1, f1_lo, f1_hi = self.macro_f1_ci(v)
+                entry["macro_f1"], entry["macro_f1_ci"] = _finite(f1), [_finite(f1_lo), _finite(f1_hi)]
+            variants.append(entry)
         pairs = []
         for p in self.pairs():
             d = p["diffs"].get(self.primary)
@@ -276,6 +307,10 @@ class Comparison:
                           "ci": [_finite(d.low) if d else None, _finite(d.high) if d else None],
                           "p_value": None if p["mcnemar"] is None else float(p["mcnemar"].p_value),
                           "wins": p["wins"], "losses": p["losses"], "ties": p["ties"]})
+            if self.labelled and "macro_f1" in p["diffs"]:
+                f = p["diffs"]["macro_f1"]
+                pairs[-1]["macro_f1_diff"] = _finite(f.diff)
+                pairs[-1]["macro_f1_ci"] = [_finite(f.low), _finite(f.high)]
         forgetting = {v: {k: _finite(f.get(k)) for k in ("general_ppl_base", "general_ppl_adapter", "kl")}
                       for v, f in self.forgetting.items()}
         return {"variants": variants, "pairs": pairs, "forgetting": forgetting}
@@ -287,15 +322,24 @@ class Comparison:
         metrics = self.metrics()
         with open(path, "w", newline="", encoding="utf-8") as fh:
             w = csv.writer(fh)
-            w.writerow(["variant", "item", "input", "reference", "output", *metrics, "latency", "tokens"])
+            labels = ["label", "ref_label"] if self.labelled else []
+            w.writerow(["variant", "item", "input", "reference", "output", *metrics, *labels, "latency", "tokens"])
             for v in self.variants:
                 for i, r in enumerate(self.results[v]):
                     w.writerow([v, i, self.inputs[v][i], self.references[v][i], r["output"],
-                                *[r.get(m) for m in metrics], r["latency"], r["tokens"]])
+                                *[r.get(m) for m in metrics], *[r.get(k) for k in labels], r["latency"], r["tokens"]])
         return path
 
 
 # ---- running it -----------------------------------------------------------------------------------
+def _classes(labels, classes, references: dict[str, list[str]]) -> list[str] | None:
+    if labels is None:
+        return None
+    if classes is not None:
+        return sorted({str(c) for c in classes})
+    return sorted({str(labels(r)) for refs in references.values() for r in refs})
+
+
 def _adapter_slot(i: int, name: str) -> str:
     return f"v{i}_" + re.sub(r"\W", "_", name)[:40]
 
@@ -368,6 +412,16 @@ def _pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
+def _stop_ids(model, tokenizer) -> set[int]:
+    """Every token id that ends generation: the model's generation config (which may list several, e.g.
+    the end-of-turn token) and the tokenizer's end of sequence."""
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = set(ids if isinstance(ids, (list, tuple, set)) else [] if ids is None else [ids])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return {int(i) for i in ids}
+
+
 def _generate(model, tokenizer, prompts: list[str], max_new_tokens: int) -> tuple[list[str], list[int], float]:
     import torch
 
@@ -377,8 +431,8 @@ def _generate(model, tokenizer, prompts: list[str], max_new_tokens: int) -> tupl
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=_pad_id(tokenizer))
     seconds = time.perf_counter() - started
     new = out[:, enc["input_ids"].shape[1]:].tolist()
-    eos = tokenizer.eos_token_id
-    counts = [(seq.index(eos) + 1) if eos in seq else len(seq) for seq in new]
+    stops = _stop_ids(model, tokenizer)
+    counts = [next((k + 1 for k, t in enumerate(seq) if t in stops), len(seq)) for seq in new]
     texts = tokenizer.batch_decode(new, skip_special_tokens=True)
     return texts, counts, seconds
 
@@ -441,19 +495,22 @@ def _forgetting(model, tokenizer, slots: dict[str, str], n_tokens: int) -> dict[
 
 
 def _metrics(output: str, reference: str, row: dict, scorer) -> dict:
-    from ..core.textmetrics import chrf_items, exact_match_items, rouge_l_items
+    from ..core.textmetrics import bleu_items, chrf_items, exact_match_items, rouge_l_items
 
     out = {}
     if scorer is not None:
         out["score"] = float(scorer(output, row))
     out["exact_match"] = float(exact_match_items([output], [reference])[0])
     out["chrf"] = chrf_items([output], [reference])[0]
+    out["bleu"] = bleu_items([output], [reference])[0]
     out["rouge_l"] = rouge_l_items([output], [reference])[0]
     return out
 
 
 def compare(variants: Sequence[Variant], rows: Sequence[dict], *, model, tokenizer,
-            scorer: Callable[[str, dict], float] | None = None, batch_size: int = 8, seed: int = 0,
+            scorer: Callable[[str, dict], float] | None = None,
+            labels: Callable[[str], str] | None = None, classes: Sequence[str] | None = None,
+            batch_size: int = 8, seed: int = 0,
             forgetting: bool = True, general_text_tokens: int = 512, cache: str | Path | None = None,
             progress: Callable[[int, int], None] | None = None,
             stop: threading.Event | None = None) -> Comparison:
@@ -461,6 +518,9 @@ def compare(variants: Sequence[Variant], rows: Sequence[dict], *, model, tokeniz
 
     scorer: ``scorer(output, row)`` -> 0/1, the headline score (e.g. ``teaching_task("dates").score``);
         without one the headline is exact match.
+    labels: for label tasks, ``labels(text)`` -> the class an output (or a reference) names (e.g.
+        ``teaching_task("intent").label``); adds macro-F1 over ``classes`` (default: the classes of
+        the references) with bootstrap intervals, per variant and per pair.
     cache: a folder; results are appended to ``compare.jsonl`` there per (variant, item content) and
         reused by later calls, so only new variants or items are generated.
     progress: ``progress(done, total)`` in answered item-variants. stop: a ``threading.Event``,
@@ -510,7 +570,9 @@ def compare(variants: Sequence[Variant], rows: Sequence[dict], *, model, tokeniz
     try:
         fps = {v.name: v.fingerprint(model, tokenizer) for v in variants}
         # the reference loss sees the whole conversation: no cut at the template's max_length
-        scoring = {v.name: Template(**{**v.template.to_dict(), "max_length": 1 << 20}) for v in variants}
+        # and it scores the answer and its end of turn, also for templates that train on every token
+        scoring = {v.name: Template(**{**v.template.to_dict(), "max_length": 1 << 20, "train_on": "completion"})
+                   for v in variants}
         hashes = [_item_hash(r) for r in rows]
         for start in range(0, len(rows), batch_size):
             if stop is not None and stop.is_set():
@@ -565,9 +627,11 @@ def compare(variants: Sequence[Variant], rows: Sequence[dict], *, model, tokeniz
             out.append({"output": rec["output"], "latency": float(rec["latency"]), "tokens": int(rec["tokens"]),
                         **_metrics(rec["output"], ref, row, scorer), "ref_loss": loss,
                         "ref_ppl": math.exp(loss) if math.isfinite(loss) else math.nan})
+            if labels is not None:
+                out[-1]["label"], out[-1]["ref_label"] = str(labels(rec["output"])), str(labels(ref))
         results[v.name] = out
         inputs[v.name] = [v.template.user_text(r) for r in items]
         references[v.name] = refs
     return Comparison(variants=names, items=rows, results=results, forgetting=forget, complete=complete,
                       primary="score" if scorer is not None else "exact_match", inputs=inputs,
-                      references=references, seed=seed)
+                      references=references, seed=seed, labels=_classes(labels, classes, references))

@@ -62,19 +62,23 @@ def score_figure(names: Sequence[str], means: Sequence[float], lows: Sequence[fl
 
 
 def summary_figures(result) -> list[go.Figure]:
-    """One figure per metric family: the headline score, text overlap (chrF, ROUGE-L), and the
-    reference answer's perplexity; each bar with its 95% interval."""
+    """One figure per metric family: the headline score (and macro-F1 for label tasks), text overlap
+    (chrF, BLEU, ROUGE-L), and the reference answer's perplexity; each bar with its 95% interval."""
     names = list(result.variants)
     figs = []
     families = [(result.primary, f"{result.primary} (95% CI)", 1.0, True)]
-    families += [(m, f"{m} (95% CI)", 0.01 if m == "chrf" else 1.0, True) for m in ("chrf", "rouge_l")
-                 if m in result.metrics()]
+    families += [(m, f"{m} (95% CI)", 0.01 if m in ("chrf", "bleu") else 1.0, True)
+                 for m in ("chrf", "bleu", "rouge_l") if m in result.metrics()]
     if "ref_ppl" in result.metrics():
         families.append(("ref_ppl", "perplexity of the reference answer (lower is better)", 1.0, False))
     for metric, title, scale, percent in families:
         stats = [result._mean_ci([v * scale for v in result.values(n, metric)]) for n in names]
         figs.append(score_figure(names, [s[0] for s in stats], [s[1] for s in stats], [s[2] for s in stats],
                                  title=title, percent=percent))
+        if metric == result.primary and result.labelled:  # label tasks: every class weighs the same
+            stats = [result.macro_f1_ci(n) for n in names]
+            figs.append(score_figure(names, [s[0] for s in stats], [s[1] for s in stats], [s[2] for s in stats],
+                                     title="macro-F1 over the classes (95% CI)"))
     return figs
 
 
