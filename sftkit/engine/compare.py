@@ -5,8 +5,9 @@ The base model is loaded once by the caller; adapters are attached to it once an
 the base variants run with the adapters disabled. Each item gets, per variant: the output, its
 latency and token count, the task score (when a scorer is given), exact match, chrF, BLEU,
 ROUGE-L, and the reference answer's mean token loss and perplexity (teacher-forced, on the answer
-and its end of turn). Label tasks (a ``labels`` function) also get macro-F1 over the classes. Adapters are also checked for forgetting: perplexity on general text (the
-Python documentation shipped with every Python) and the KL divergence from the base model.
+and its end of turn). Label tasks (a ``labels`` function) also get macro-F1 over the classes.
+Adapters are also checked for forgetting: perplexity on general text (the Python documentation
+shipped with every Python) and the KL divergence from the base model.
 
     model, tokenizer = sftkit.load_model(run.config().model.spec)
     result = compare([Variant.zero_shot(tpl), Variant.from_run(run)], rows, model=model,
