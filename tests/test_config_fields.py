@@ -272,7 +272,7 @@ def test_knob_spec_example():
 
 
 def test_knob_specs_cover_every_knob_of_a_section():
-    assert [s.name for s in knob_specs("")] == ["name", "store"]
+    assert [s.name for s in knob_specs("")] == ["name", "store", "objective"]
     for key in SECTIONS:
         assert [s.name for s in knob_specs(key)] == [n for n, f in FIELDS.items()
                                                      if n.startswith(key + ".") and f.metadata[WIDGET]]

@@ -27,6 +27,11 @@ from .template import Template
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
 ATTENTION = ("sdpa", "eager")
 WARMUP_ALLOWED = "a fraction of the steps in [0, 1) or a whole number of steps"
+# what a run trains toward: answers (sft) or preferences (dpo: chosen vs rejected pairs; kto: single answers
+# labelled good or bad), the last two through TRL's DPOTrainer / KTOTrainer
+OBJECTIVES = ("sft", "dpo", "kto")
+DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "sigmoid_norm", "apo_zero", "apo_down")
+KTO_LOSSES = ("kto", "apo_zero_unpaired")
 
 
 class RunConfigError(ConfigError):
@@ -122,6 +127,13 @@ class AdapterConfig:
             _need(self.top_n is not None, "adapter.top_n", self.top_n,
                   f"an integer >= 1: preset {self.preset} needs it")
 
+    # preference runs: a finished run's adapter is the starting point and the frozen reference
+    init_from: str | None = setting(None, help="start from this finished run's adapter (its folder); preference runs "
+                                    "train it further against a frozen copy of it. The adapter's shape (preset, rank, "
+                                    "targets) is that run's", allowed=Text("a run folder with an adapter/",
+                                                                           null="a new adapter"),
+                                    widget="text", label="start from run")
+
 
 @dataclass
 class TrainingConfig:
@@ -182,7 +194,35 @@ class TrainingConfig:
                   "(the best checkpoint must be one that was evaluated)")
 
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "adapter": AdapterConfig, "training": TrainingConfig}
+@dataclass
+class PreferenceConfig:
+    """Preference tuning (objective dpo or kto), through TRL. The data holds the template's input fields plus
+    ``chosen`` and ``rejected`` (dpo) or ``completion`` and ``label`` (kto)."""
+
+    beta: float = setting(0.1, help="how far the tuned model may move from the reference (higher: less far)",
+                          allowed=Float(0, min_open=True, span=(0.01, 1.0)), widget="float")
+    loss_type: str = setting("auto", help="the preference loss (auto: sigmoid for dpo, kto for kto)",
+                             allowed=Choice(("auto", *DPO_LOSSES, *KTO_LOSSES)), widget="choice", label="loss")
+    label_smoothing: float = setting(0.0, help="dpo robust/sigmoid: the share of pairs assumed mislabelled",
+                                     allowed=Float(0, 0.5, max_open=True), widget="float")
+    sft_weight: float = setting(0.0, help="dpo: weight of an added answer loss on the chosen answers (keeps the task)",
+                                allowed=Float(0, note="0: pure dpo"), widget="float", label="sft weight")
+    desirable_weight: float = setting(1.0, help="kto: weight of the good answers' loss",
+                                      allowed=Float(0, min_open=True), widget="float")
+    undesirable_weight: float = setting(1.0, help="kto: weight of the bad answers' loss",
+                                        allowed=Float(0, min_open=True), widget="float")
+
+    def __post_init__(self):
+        check_fields(self, "preference", RunConfigError)
+
+    def resolved_loss(self, objective: str) -> str:
+        if self.loss_type != "auto":
+            return self.loss_type
+        return "kto" if objective == "kto" else "sigmoid"
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "adapter": AdapterConfig, "training": TrainingConfig,
+            "preference": PreferenceConfig}
 
 
 @dataclass
@@ -194,6 +234,8 @@ class RunConfig:
                                      max_len=64, forbid="/"), widget="text", label="run name")
     store: str = setting("runs", help="the folder run folders are made in (a relative path: from the config's folder)",
                          allowed=Text("a folder path"), widget="text")
+    objective: str = setting("sft", help="what the run trains toward: sft (answers), dpo (chosen vs rejected pairs), "
+                             "kto (answers labelled good or bad)", allowed=Choice(OBJECTIVES), widget="choice")
     model: ModelConfig = setting(help="which model and how to load it", default_factory=ModelConfig)
     data: DataConfig = setting(help="the rows", default_factory=DataConfig)
     template: Template | None = setting(None, help="null: the teaching task's template. Otherwise user_pattern, "
@@ -202,6 +244,8 @@ class RunConfig:
                                      default_factory=AdapterConfig)
     training: TrainingConfig = setting(help="the optimisation loop (a step is one optimizer update)",
                                        default_factory=TrainingConfig)
+    preference: PreferenceConfig = setting(help="preference tuning (objective dpo or kto)",
+                                           default_factory=PreferenceConfig)
 
     def __post_init__(self):
         check_fields(self, "", RunConfigError)  # name and store; the sections check themselves
@@ -216,14 +260,21 @@ class RunConfig:
         _need(self.template is None or isinstance(self.template, Template), "template", self.template,
               "a mapping of template fields (user_pattern, answer_field, system, examples, ...) or null "
               "(the teaching task's own template)")
-        if self.template is None and self.data.teaching_task is None:
+        if self.template is None and self.data.teaching_task is None and self.adapter.init_from is None:
             raise RunConfigError("template is null but data.source is not a teaching task: give a template "
                                  "(user_pattern, answer_field, ...) for your data")
+        loss = self.preference.loss_type
+        if self.objective != "sft" and loss != "auto":
+            losses = DPO_LOSSES if self.objective == "dpo" else KTO_LOSSES
+            _need(loss in losses, "preference.loss_type", loss, f"auto or one of {', '.join(losses)} for objective "
+                  f"{self.objective}")
 
     # ---- derived --------------------------------------------------------------------
     def resolved_template(self) -> Template:
         """The template to train with; training.max_length, if set, overrides the template's."""
         tpl = self.template
+        if tpl is None and self.data.teaching_task is None and self.adapter.init_from is not None:
+            tpl = self.init_run_config().resolved_template()  # the run it continues from renders the same way
         if tpl is None:
             from .teaching import teaching_task
 
@@ -231,6 +282,18 @@ class RunConfig:
         if self.training.max_length is not None:
             tpl = dataclasses.replace(tpl, max_length=self.training.max_length)
         return tpl
+
+    def init_run_config(self) -> "RunConfig":
+        """The config of the run ``adapter.init_from`` names (an error naming the field if it is not a run
+        with an adapter)."""
+        from .runstore import RunFolder
+
+        where = self.adapter.init_from
+        run = RunFolder(Path(str(where)).expanduser())
+        if not (run.adapter_dir / "adapter_config.json").is_file() or not run.config_path.is_file():
+            raise RunConfigError(f"adapter.init_from={where!r} is not allowed; allowed: a finished run folder with an "
+                                 "adapter (config.yaml and adapter/adapter_config.json)")
+        return run.config()
 
     def with_changes(self, **sections) -> "RunConfig":
         """A copy with fields changed: ``cfg.with_changes(training={"max_steps": 10}, name="x")``."""
@@ -244,11 +307,11 @@ class RunConfig:
 
     # ---- YAML -------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        out: dict[str, Any] = {"name": self.name, "store": self.store}
+        out: dict[str, Any] = {"name": self.name, "store": self.store, "objective": self.objective}
         for key in ("model", "data"):
             out[key] = dataclasses.asdict(getattr(self, key))
         out["template"] = self.template.to_dict() if self.template is not None else None
-        for key in ("adapter", "training"):
+        for key in ("adapter", "training", "preference"):
             out[key] = dataclasses.asdict(getattr(self, key))
         return out
 
@@ -284,6 +347,9 @@ class RunConfig:
             changes["data"] = {"source": str((base / self.data.source).resolve())}
         if not Path(self.store).expanduser().is_absolute():
             changes["store"] = str((base / self.store).resolve())
+        init = self.adapter.init_from
+        if init is not None and not Path(init).expanduser().is_absolute():
+            changes["adapter"] = {"init_from": str((base / init).resolve())}
         return self.with_changes(**changes) if changes else self
 
     def save(self, path: str | Path) -> Path:
