@@ -16,6 +16,7 @@ class RunRows:
     train: list[dict]
     eval: list[dict]
     samples: list[dict]  # fixed held-out rows the run generates from
+    objective: str = "sft"  # dpo / kto: the rows are preference rows (see sftkit.core.preferences)
 
 
 def run_rows(cfg: RunConfig) -> RunRows:
@@ -29,6 +30,10 @@ def run_rows(cfg: RunConfig) -> RunRows:
         if task not in TASKS:
             raise RunConfigError(f"data.source='teaching:{task}' is not a teaching task; "
                                  f"allowed: {', '.join('teaching:' + t for t in TASKS)}")
+        if cfg.objective != "sft":
+            raise RunConfigError(f"objective={cfg.objective} needs preference rows, and data.source='teaching:{task}' "
+                                 f"has none; allowed: a .jsonl/.csv file of rows with {_preference_columns(cfg)} (a "
+                                 "FeedbackCollector's save_rows writes one)")
         rows = TASKS[task].rows(d.rows or TASKS[task].default_size, seed=d.split_seed)
     else:
         path = Path(d.source).expanduser()
@@ -39,6 +44,8 @@ def run_rows(cfg: RunConfig) -> RunRows:
             rows = rows[: d.rows]
     if len(rows) < 2:
         raise DataError(f"data.source={d.source!r} has {len(rows)} row(s); a run needs at least 2")
+    if cfg.objective != "sft" or cfg.adapter.init_from is not None:
+        return _preference_rows(cfg, rows)
     template = cfg.resolved_template()
     template.check_rows(rows)
     train, evals = split_rows(rows, d.eval_fraction, seed=d.split_seed)
@@ -49,6 +56,44 @@ def run_rows(cfg: RunConfig) -> RunRows:
                              "set data.eval_fraction > 0")
     pool = evals or train
     return RunRows(template, train, evals, pool[: d.sample_prompts])
+
+
+def _preference_columns(cfg: RunConfig) -> str:
+    from .preferences import COLUMNS
+
+    return " and ".join(COLUMNS.get(cfg.objective, COLUMNS["dpo"]))
+
+
+def _preference_rows(cfg: RunConfig, rows: list[dict]) -> RunRows:
+    """A dpo / kto run's rows: the columns checked (a missing one named), split by prompt (no prompt on
+    both sides), samples answered with their chosen answer as the target; adapter.init_from checked."""
+    from .preferences import answer_view, check_preference_rows, split_by_prompt
+
+    d = cfg.data
+    if cfg.objective == "sft":
+        raise RunConfigError(f"adapter.init_from={cfg.adapter.init_from!r} is not allowed with objective sft; allowed: "
+                             "null (starting from a run's adapter is for preference runs: objective dpo or kto)")
+    if cfg.adapter.init_from is not None:
+        init = cfg.init_run_config()
+        if init.model.spec != cfg.model.spec:
+            raise RunConfigError(f"adapter.init_from names a run of model {init.model.spec!r}, but model.spec is "
+                                 f"{cfg.model.spec!r}; allowed: the same model as that run")
+    template = cfg.resolved_template()
+    rows = check_preference_rows(template, rows, cfg.objective, source=f"data.source={d.source!r}")
+    train, evals = split_by_prompt(template, rows, d.eval_fraction, seed=d.split_seed)
+    if d.max_eval_rows is not None:
+        evals = evals[: d.max_eval_rows]
+    if cfg.training.early_stopping_patience and not evals:
+        raise RunConfigError("training.early_stopping_patience is set but there is no eval split: "
+                             "set data.eval_fraction > 0")
+    pool = [r for r in (evals or train) if cfg.objective == "dpo" or r.get("label")]
+    samples, seen = [], set()
+    for r in pool:
+        key = tuple(str(r.get(f)) for f in template.input_fields)
+        if key not in seen and len(samples) < d.sample_prompts:
+            seen.add(key)
+            samples.append(answer_view(template, r))
+    return RunRows(template, train, evals, samples, cfg.objective)
 
 
 # ---- rendering: what each row trains -------------------------------------------------------------
@@ -98,8 +143,10 @@ def render_rows(template: Template, rows: list[dict], tokenizer, *, split: str =
     dropped: list[int] = []
     truncated: list[int] = []
     end_cut: list[int] = []
+    from .preferences import answer_view
+
     for i, row in enumerate(rows):
-        ex = template.render(row, tokenizer, with_examples=False)
+        ex = template.render(answer_view(template, row), tokenizer, with_examples=False)  # preference rows: chosen
         if ex.truncated:
             truncated.append(i)
         if ex.n_trained == 0:

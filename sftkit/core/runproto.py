@@ -258,6 +258,10 @@ class Status:
 
 METRIC_NUMBERS = ("epoch", "time", "loss", "eval_loss", "lr", "grad_norm", "tokens_per_s", "steps_per_s",
                   "tokens_seen", "memory_rss", "memory_cuda_peak")
+# preference runs (dpo / kto): TRL's reward metrics, as TRL names them; eval_ on held-out pairs
+PREFERENCE_NUMBERS = tuple(f"{split}rewards/{name}" for split in ("", "eval_")
+                           for name in ("chosen", "rejected", "margins", "accuracies"))
+METRIC_NUMBERS += PREFERENCE_NUMBERS
 
 
 @dataclass(frozen=True)
@@ -286,7 +290,8 @@ class Metric:
 
 
 EVENT_KINDS = ("started", "resumed", "checkpoint", "eval", "sample", "sample_failed", "rows_dropped",
-               "truncated", "data_changed", "train_summary", "stopped", "finished", "failed", "interrupted")
+               "truncated", "data_changed", "train_summary", "stopped", "finished", "failed", "interrupted",
+               "warning")  # warning: something the run should be told (few preference pairs, memorised pairs)
 
 
 @dataclass(frozen=True)

@@ -157,6 +157,8 @@ class MetricsCallback(TrainerCallback):
             kind, value = memory_bytes(ctx.device)
             record[f"memory_{kind}"] = value
             self._time, self._tokens, self._step, ctx.paused_s = now, state.num_input_tokens_seen, step, 0.0
+        # preference runs: TRL's reward metrics as TRL names them (rewards/margins, ...; eval_rewards/... held out)
+        record.update({k: v for k, v in logs.items() if k.startswith(("rewards/", "eval_rewards/")) and _finite(v)})
         bad = [k for k in ("loss", "grad_norm", "eval_loss") if k in record and not _finite(record[k])]
         if bad:
             ctx.fail(bad[0].replace("_", " "), step, control)

@@ -205,4 +205,11 @@ def sft(cfg: RunConfig, run: RunFolder, writer: RunWriter | None, rows: RunRows,
     return finish(cfg, ctx, trainer, parts, data, started=started)
 
 
-RECIPES: dict[str, Callable[..., RunResult]] = {"sft": sft}
+def preference(*args, **kwargs) -> RunResult:
+    """Preference tuning (objective dpo / kto) through TRL: ``sftkit.engine.preference`` (imported on use)."""
+    from .preference import preference as recipe
+
+    return recipe(*args, **kwargs)
+
+
+RECIPES: dict[str, Callable[..., RunResult]] = {"sft": sft, "dpo": preference, "kto": preference}

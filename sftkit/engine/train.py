@@ -258,7 +258,7 @@ def run_training(cfg: RunConfig, run: RunFolder | None = None, *, resume: bool =
 
         setting = Setting(device, plan_words.compute_dtype, plan_words.quantization, plan_words.dtype, world)
         run = _share_run_folder(cfg, run, setting)
-        return RECIPES["sft"](cfg, run, writer, opened.rows if opened is not None else run_rows(cfg), setting,
+        return RECIPES[cfg.objective](cfg, run, writer, opened.rows if opened is not None else run_rows(cfg), setting,
                               resume=resume, stop_signal=stop_signal, process_started=ProcessId.current().start or time.time())
     except Exception as exc:  # every failure ends as a state with a message in the run folder
         message = _failure_message(exc)
