@@ -43,6 +43,9 @@ _LAZY = {
     "compare": ("sftkit.engine.compare", "compare"),
     "Variant": ("sftkit.engine.compare", "Variant"),
     "Comparison": ("sftkit.engine.compare", "Comparison"),
+    # preferences: ratings, and the rows a dpo / kto run trains on
+    "PreferenceStore": ("sftkit.core.preferences", "PreferenceStore"),
+    "sample_candidates": ("sftkit.engine.preference", "sample_candidates"),
     # memory
     "measure_training_step": ("sftkit.engine.measure", "measure_training_step"),
     # attention

@@ -14,7 +14,7 @@ def test_curve_arrays_and_figures_are_pure():
                {"step": 2, "loss": 1.5, "lr": 1e-3, "grad_norm": 0.5, "tokens_per_s": 110.0, "memory_rss": 2**21},
                {"step": 2, "eval_loss": 1.7}]
     arrays = run_figures.curve_arrays(metrics)
-    assert [len(x) for x, _ in arrays] == [2, 1, 2, 2, 2, 2]
+    assert [len(x) for x, _ in arrays] == [2, 1, 2, 2, 2, 2, 0, 0, 0, 0, 0]  # no preference curves in an sft run
     assert arrays[5][1].tolist() == [2.0, 2.0]  # memory in MiB
     assert all(isinstance(x, np.ndarray) for x, _ in arrays)
     fig = run_figures.run_figure(metrics, title="t")

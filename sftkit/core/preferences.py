@@ -188,6 +188,8 @@ def append_durable(path: Path, record: dict) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":  # a torn last line (a kill mid-write): keep it apart
+            line = b"\n" + line
         done = 0
         try:
             while done < len(line):

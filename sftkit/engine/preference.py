@@ -77,6 +77,42 @@ def build_preference_model(cfg: RunConfig, setting: Setting) -> ModelParts:
     return ModelParts(model, tokenizer, anatomy, plan)
 
 
+# ---- candidates to rate ---------------------------------------------------------------------------------------
+def sample_candidates(model, tokenizer, template: Template, rows: list[dict], *, k: int = 2, temperature: float = 0.8,
+                      top_p: float = 0.95, max_new_tokens: int = 32, seed: int = 0, stop=None) -> list[list[str]]:
+    """``k`` sampled answers per row (the template's prompt without its few-shot examples, as the run trains
+    and answers), batched with left padding. ``stop``: a threading.Event checked between tokens."""
+    import copy
+
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    tok = copy.copy(tokenizer)  # our own padding side; the caller's tokenizer is untouched
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    prompts = [template.prompt_text(r, tok, with_examples=False) for r in rows]
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+
+    class _Stop(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), bool(stop is not None and stop.is_set()), dtype=torch.bool,
+                              device=input_ids.device)
+
+    was_training = model.training
+    model.eval()
+    try:
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            out = model.generate(**enc, do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
+                                 num_return_sequences=k, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
+                                 stopping_criteria=StoppingCriteriaList([_Stop()]))
+    finally:
+        model.train(was_training)
+    texts = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return [[t.strip() for t in texts[i * k:(i + 1) * k]] for i in range(len(rows))]
+
+
 # ---- the rows -----------------------------------------------------------------------------------------------
 def _answer_ids(tpl: Template, row: dict, answer, tokenizer) -> tuple[list[int], list[int]]:
     """(prompt ids, answer + end-of-turn ids) of ``row`` answered with ``answer``, as the template renders it."""

@@ -17,6 +17,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "RunMonitor": ("sftkit.state.run_monitor", "RunMonitor"),
     "RunControl": ("sftkit.state.run_monitor", "RunControl"),
     "ComparisonSession": ("sftkit.state.comparison", "ComparisonSession"),
+    "FeedbackSession": ("sftkit.state.feedback", "FeedbackSession"),
     "PromptDraft": ("sftkit.state.prompt_draft", "PromptDraft"),
     "PlanEditor": ("sftkit.state.plan_editor", "PlanEditor"),
 }

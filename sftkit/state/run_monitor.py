@@ -35,6 +35,12 @@ CURVES = (
     ("grad norm", "grad_norm", 1.0),
     ("tokens/s", "tokens_per_s", 1.0),
     ("memory MiB", "memory", 1 / 2**20),
+    # preference runs (dpo / kto): TRL's rewards; accuracy = share of pairs whose chosen answer gained more
+    ("pref. accuracy", "rewards/accuracies", 1.0),
+    ("held-out pref. accuracy", "eval_rewards/accuracies", 1.0),
+    ("reward margin", "rewards/margins", 1.0),
+    ("chosen reward", "rewards/chosen", 1.0),
+    ("rejected reward", "rewards/rejected", 1.0),
 )
 
 

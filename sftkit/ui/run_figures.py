@@ -16,16 +16,19 @@ from ..state.run_monitor import curve_arrays
 # where each of the monitor's curves goes: (subplot row, col)
 PLACES = {"loss": (1, 1), "eval_loss": (1, 1), "lr": (1, 2), "grad_norm": (1, 3), "tokens_per_s": (2, 1),
           "memory": (2, 2)}
+PLACES.update({key: (2, 3) for key in ("rewards/accuracies", "eval_rewards/accuracies", "rewards/margins",
+                                       "rewards/chosen", "rewards/rejected")})  # preference runs
 # (trace name, metrics key, subplot row, col, scale to display units)
 CURVES = tuple((name, key, *PLACES[key], scale) for name, key, scale in _CURVES)
-TITLES = ("loss", "learning rate", "grad norm", "tokens / s", "memory (MiB)", "")
-COLOURS = ("#2563eb", "#dc2626", "#059669", "#7c3aed", "#d97706", "#0891b2", "#db2777", "#65a30d")
+TITLES = ("loss", "learning rate", "grad norm", "tokens / s", "memory (MiB)", "preference (dpo / kto)")
+COLOURS = ("#2563eb", "#dc2626", "#059669", "#7c3aed", "#d97706", "#0891b2", "#db2777", "#65a30d", "#9333ea",
+           "#ea580c", "#475569")
 
 
 def run_figure(metrics: Sequence[dict] = (), *, title: str = "", height: int = 460) -> go.Figure:
     fig = make_subplots(rows=2, cols=3, subplot_titles=TITLES, horizontal_spacing=0.07, vertical_spacing=0.16)
     for (name, key, row, col, _), (x, y), colour in zip(CURVES, curve_arrays(metrics), COLOURS):
-        mode = "lines+markers" if key == "eval_loss" else "lines"
+        mode = "lines+markers" if key.startswith("eval_") else "lines"
         fig.add_trace(go.Scatter(x=x, y=y, name=name, mode=mode, line=dict(color=colour)), row=row, col=col)
     fig.update_layout(title=html.escape(str(title)), height=height, margin=dict(l=40, r=10, t=60, b=30),
                       legend=dict(orientation="h", y=-0.08), uirevision="keep")
