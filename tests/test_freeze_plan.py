@@ -7,7 +7,7 @@ import torch
 
 import sftkit
 from sftkit.engine.anatomy import inspect_model
-from sftkit.engine.freeze import PRESETS, FreezePlan, PlanError
+from sftkit.engine.freeze import PRESETS, PROMPT_FAMILIES, FreezePlan, PlanError
 from sftkit.engine.measure import measure_training_step
 
 ARCHS = ["llama", "qwen2", "gpt2"]
@@ -64,7 +64,8 @@ def test_anatomy_by_introspection(tiny_dirs):
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("preset,top_n", [(p, 1 if p in ("lora_top_blocks", "freeze_tuning") else None)
-                                          for p in PRESETS if p != "none"] + [("lora_attention", 1)])
+                                          for p in PRESETS if p != "none" and p not in PROMPT_FAMILIES]
+                         + [("lora_attention", 1)])  # prompt methods: tests/test_peft_methods.py
 def test_reported_count_equals_requires_grad_and_blocks_are_exact(tiny_dirs, arch, preset, top_n):
     m = load(tiny_dirs[arch])
     a = inspect_model(m)
@@ -73,7 +74,7 @@ def test_reported_count_equals_requires_grad_and_blocks_are_exact(tiny_dirs, arc
     assert plan.trainable_params(a) == trainable(trained)
     if preset != "bitfit":
         assert trained_blocks(trained, a) == ({1} if top_n == 1 else {0, 1})
-    if plan.method == "lora":
+    if plan.kind == "lora":
         adapted = {n.rsplit(".lora_A", 1)[0].replace("base_model.model.", "")
                    for n, _ in trained.named_parameters() if ".lora_A." in n}
         assert adapted == set(plan.lora_modules)

@@ -1,7 +1,10 @@
 """FreezePlan: which modules get LoRA adapters and which parameters train directly.
 
 A plan is two sets of names over a model's anatomy (LoRA modules, fully trained
-parameters) plus the LoRA hyper-parameters. Presets build the usual plans; set
+parameters) plus the LoRA hyper-parameters. Its ``family`` says which PEFT method it is:
+LoRA (with DoRA / rsLoRA as options), IA3 (learned scaling vectors on the same module grid),
+or a prompt method (prompt tuning, prefix tuning, p-tuning, LLaMA-Adapter's adaption prompt)
+that trains virtual tokens instead of modules (see ``FAMILIES``). Presets build the usual plans; set
 operations (``|``, ``-``) combine them; an editor toggles single names. Pure Python over
 the ``sftkit.core.anatomy.Anatomy`` record: it validates a plan, counts its trainable
 parameters and estimates its memory. Applying it to a torch model (``requires_grad`` flags or
@@ -37,10 +40,52 @@ PRESET_MEANINGS = {
     "lora_top_blocks": "LoRA on every linear module of the last top_n blocks (top_n required)",
     "freeze_tuning": "every parameter of the last top_n blocks trains in full (top_n required)",
     "bitfit": "only the biases and the norms train",
+    "ia3": "IA3: learned vectors scale the attention keys/values and the MLP down-projections (an adapter "
+           "method; the grid shows where)",
+    "prompt_tuning": "a soft prompt: adapter.virtual_tokens trained vectors in front of every prompt",
+    "prefix_tuning": "trained keys and values (adapter.virtual_tokens) in front of every block's attention",
+    "p_tuning": "a soft prompt made by a small trained MLP (p-tuning)",
+    "adaption_prompt": "LLaMA-Adapter: adapter.virtual_tokens trained prompt vectors with zero-started gates in "
+                       "the attention of the last top_n blocks (Llama, Mistral, GPT-2)",
     "none": "nothing: an empty start for explicit additions",
 }
 PRESETS = tuple(PRESET_MEANINGS)
 NEEDS_TOP_N = ("lora_top_blocks", "freeze_tuning")
+
+# What a plan's ``family`` can be: the module-grid methods and the prompt methods, and how each
+# one's result leaves the run. Prompt methods train virtual tokens, not modules: no grid edits.
+PROMPT_FAMILIES = ("prompt_tuning", "prefix_tuning", "p_tuning", "adaption_prompt")
+FAMILIES = ("lora", "ia3", "full") + PROMPT_FAMILIES
+FAMILY_NAMES = {"lora": "LoRA", "ia3": "IA3", "full": "full / BitFit", "prompt_tuning": "prompt tuning",
+                "prefix_tuning": "prefix tuning", "p_tuning": "p-tuning", "adaption_prompt": "LLaMA-Adapter"}
+# merging folds the update into the weights: LoRA (and DoRA) and IA3 can; a prompt can't
+MERGEABLE = ("lora", "ia3")
+# the model types peft's adaption prompt knows (peft.tuners.adaption_prompt.config; a test checks)
+ADAPTION_PROMPT_MODELS = ("llama", "mistral", "gpt2")
+# IA3 targets by default (peft's choice for Llama/GPT-2): the keys and values (or the fused qkv)
+IA3_ATTENTION = ("k_proj", "v_proj", "c_attn", "query_key_value", "qkv_proj", "key", "value", "Wqkv")
+
+
+def ia3_feedforward(anatomy: Anatomy, name: str) -> bool:
+    """IA3 scales a feedforward module's input (an MLP down-projection: more inputs than outputs), any
+    other module's output."""
+    li = anatomy.linear_by_name(name)
+    return li.kind == "mlp" and li.in_features > li.out_features
+
+
+def ia3_columns(anatomy: Anatomy) -> list[str]:
+    """The default IA3 columns of a block: keys and values (or fused qkv), and the MLP down-projections."""
+    attn = [c for c in anatomy.attention_columns if c.rsplit(".", 1)[-1] in IA3_ATTENTION] or anatomy.attention_columns
+    block = min(b for b, _ in anatomy.linear) if anatomy.linear else 0
+    down = [c for c in anatomy.mlp_columns if (block, c) in anatomy.linear
+            and ia3_feedforward(anatomy, anatomy.linear[(block, c)].name)]
+    return attn + down
+
+
+def prefix_width(anatomy: Anatomy) -> int:
+    """Values per virtual token and block in prefix tuning: a key and a value of the key/value heads."""
+    head_dim = anatomy.hidden_size // max(1, anatomy.n_heads)
+    return 2 * head_dim * (anatomy.n_kv_heads or anatomy.n_heads)
 
 
 @dataclass(frozen=True)
@@ -82,6 +127,15 @@ class FreezePlan:
     label: str = "custom"
     # the preset this plan was built from; kept through edits (a hint for to_adapter, not compared)
     origin: PresetChoice | None = field(default=None, compare=False)
+    # the PEFT method: "lora" / "ia3" put an adapter on ``lora_modules``; a prompt family trains
+    # virtual tokens (``virtual_tokens``; ``prompt_init`` text or None for random; ``top_blocks``: the
+    # blocks LLaMA-Adapter adapts). "full" is not stored: a "lora" plan without modules trains in place.
+    family: str = "lora"
+    use_dora: bool = False
+    rslora: bool = False
+    virtual_tokens: int = 20
+    prompt_init: str | None = None
+    top_blocks: int | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "lora_modules", frozenset(self.lora_modules))
@@ -94,10 +148,24 @@ class FreezePlan:
             raise PlanError(f"alpha={self.alpha!r} must be > 0 (typical: rank or 2 x rank)")
         if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise PlanError(f"dropout={self.dropout!r} must be in [0, 1)")
+        if self.family not in FAMILIES or self.family == "full":
+            raise PlanError(f"family={self.family!r}; allowed: {', '.join(f for f in FAMILIES if f != 'full')}")
+        if not isinstance(self.virtual_tokens, int) or not 1 <= self.virtual_tokens <= 512:
+            raise PlanError(f"virtual_tokens={self.virtual_tokens!r} must be an integer from 1 to 512")
+        if self.prompt_init is not None and not (isinstance(self.prompt_init, str) and self.prompt_init.strip()):
+            raise PlanError(f"prompt_init={self.prompt_init!r} must be a non-blank text, or None (random)")
+        if self.family != "lora" and (self.use_dora or self.rslora):
+            raise PlanError(f"adapter.use_dora / adapter.rslora are LoRA options; the {self.family} method has "
+                            "neither (turn them off)")
+        if self.family == "prompt_tuning" or self.prompt_init is None:
+            return
+        raise PlanError(f"adapter.prompt_init starts a soft prompt from text: only prompt_tuning has it, not "
+                        f"{self.family} (set it to null)")
 
     # equal across the core class and the engine's subclass: the same sets and settings
     def _key(self) -> tuple:
-        return (self.lora_modules, self.train_params, self.rank, self.alpha, self.dropout, self.label)
+        return (self.lora_modules, self.train_params, self.rank, self.alpha, self.dropout, self.label,
+                self.family, self.use_dora, self.rslora, self.virtual_tokens, self.prompt_init, self.top_blocks)
 
     def __eq__(self, other) -> bool:
         return isinstance(other, FreezePlan) and self._key() == other._key()
@@ -120,11 +188,39 @@ class FreezePlan:
 
     @property
     def settings(self) -> dict:
-        return {"rank": self.rank, "alpha": self.alpha, "dropout": self.dropout}
+        """The method's knobs (the names of the run config's adapter fields), kept when the preset changes."""
+        return {"rank": self.rank, "alpha": self.alpha, "dropout": self.dropout, "use_dora": self.use_dora,
+                "rslora": self.rslora, "virtual_tokens": self.virtual_tokens, "prompt_init": self.prompt_init}
+
+    @property
+    def prompt_method(self) -> bool:
+        """A prompt family: trains virtual tokens in front of the prompt (or of each block's attention)."""
+        return self.family in PROMPT_FAMILIES
 
     @property
     def method(self) -> str:
-        return "lora" if self.lora_modules else "full"
+        """How the result leaves a run: "lora" for every peft adapter (LoRA, IA3, the prompt methods:
+        saved in ``adapter/``), "full" when parameters train in place (saved as a model)."""
+        return "lora" if (self.lora_modules or self.prompt_method) else "full"
+
+    @property
+    def kind(self) -> str:
+        """The PEFT method this plan is: one of FAMILIES ("full" for BitFit, freeze tuning, ...)."""
+        if self.prompt_method or self.lora_modules:
+            return self.family
+        return "full"
+
+    @property
+    def kind_label(self) -> str:
+        name = FAMILY_NAMES[self.kind]
+        if self.kind == "lora" and self.use_dora:
+            name = "DoRA"
+        return name + (" (rsLoRA scaling)" if self.kind == "lora" and self.rslora else "")
+
+    @property
+    def mergeable(self) -> bool:
+        """The update can fold into the weights (LoRA, DoRA, IA3, and parameters trained in place)."""
+        return self.kind in MERGEABLE or self.kind == "full"
 
     # ---- presets -------------------------------------------------------------------------
     @classmethod
@@ -140,7 +236,17 @@ class FreezePlan:
             if not 1 <= top_n <= anatomy.n_blocks:
                 raise PlanError(f"top_n={top_n} must be between 1 and {anatomy.n_blocks} (the model's blocks)")
             blocks = range(anatomy.n_blocks - top_n, anatomy.n_blocks)
-        if name == "lora_attention":
+        settings = _settings_for(name, settings)
+        if name in PROMPT_FAMILIES:
+            if embeddings or head:
+                raise PlanError(f"{name} trains only its virtual tokens; adapter.embeddings / adapter.head go with "
+                                "LoRA, IA3 or full training (turn them off)")
+            top = (top_n if top_n is not None else anatomy.n_blocks) if name == "adaption_prompt" else None
+            choice = PresetChoice(name, top_n if name == "adaption_prompt" else None)
+            return cls(family=name, top_blocks=top, label=choice.label, origin=choice, **settings)
+        if name == "ia3":
+            plan = cls.lora(anatomy, ia3_columns(anatomy), blocks, family="ia3", **settings)
+        elif name == "lora_attention":
             plan = cls.lora(anatomy, anatomy.attention_columns, blocks, **settings)
         elif name in ("lora_all_linear", "lora_top_blocks"):
             plan = cls.lora(anatomy, anatomy.linear_columns, blocks, **settings)
@@ -202,6 +308,9 @@ class FreezePlan:
 
     # ---- what the plan means for a model ----------------------------------------------
     def validate(self, anatomy: Anatomy) -> None:
+        if self.prompt_method:
+            self._validate_prompt(anatomy)
+            return
         if not self.lora_modules and not self.train_params:
             raise PlanError("nothing is trainable: choose LoRA modules or parameters to train "
                             "(or a preset such as 'lora_attention')")
@@ -214,13 +323,43 @@ class FreezePlan:
         if missing:
             raise PlanError(f"parameter(s) {', '.join(missing[:5])} are not in this model")
 
+    def _validate_prompt(self, anatomy: Anatomy) -> None:
+        if self.lora_modules or self.train_params:
+            raise PlanError(f"{self.family} trains only its virtual tokens; it can't also put adapters on modules or "
+                            "train parameters (adapter.add_lora / adapter.add_train): pick one method")
+        if self.family == "adaption_prompt":
+            if anatomy.model_type not in ADAPTION_PROMPT_MODELS:
+                raise PlanError(f"adaption_prompt (LLaMA-Adapter) supports model types "
+                                f"{', '.join(ADAPTION_PROMPT_MODELS)} in peft; this model is {anatomy.model_type}: "
+                                "pick prompt_tuning, prefix_tuning, ia3 or a LoRA preset")
+            if not (self.top_blocks and 1 <= self.top_blocks <= anatomy.n_blocks):
+                raise PlanError(f"adaption_prompt: top_n={self.top_blocks} must be between 1 and {anatomy.n_blocks} "
+                                "(the model's blocks)")
+
+    def prompt_params(self, anatomy: Anatomy) -> int:
+        """Trained values of a prompt method (0 for the others), as peft builds them."""
+        v, h = self.virtual_tokens, anatomy.hidden_size
+        if self.family == "prompt_tuning":
+            return v * h
+        if self.family == "prefix_tuning":
+            return v * anatomy.n_blocks * prefix_width(anatomy)
+        if self.family == "p_tuning":  # the prompt vectors and the encoder MLP h -> h -> h -> h (hidden = h)
+            return v * h + 3 * (h * h + h)
+        if self.family == "adaption_prompt":  # per adapted block: the prompt and one gate
+            return self.top_blocks * (v * h + 1)
+        return 0
+
     def resolve(self, anatomy: Anatomy) -> ResolvedPlan:
         self.validate(anatomy)
+        if self.prompt_method:
+            return ResolvedPlan((), (), "none", (), self.prompt_params(anatomy))
         if self.method == "full":
             count = sum(anatomy.params[n].numel for n in self.train_params)
             return ResolvedPlan((), (), "none", tuple(sorted(self.train_params)), count)
         biases = {n for n in self.train_params if anatomy.params[n].is_bias}
         all_biases = {p.name for p in anatomy.params.values() if p.is_bias}
+        if biases and self.family == "ia3":
+            raise PlanError("IA3 has no bias option in peft: take the biases out (adapter.remove_train) or use LoRA")
         if biases and biases != all_biases:
             raise PlanError("with LoRA, biases train all together or not at all (peft's bias='all'); "
                             f"this plan trains {len(biases)} of {len(all_biases)}")
@@ -231,7 +370,12 @@ class FreezePlan:
         count = 0
         for name in self.lora_modules:
             li = anatomy.linear_by_name(name)
+            if self.family == "ia3":  # one scale per output (per input of a feedforward module)
+                count += li.in_features if ia3_feedforward(anatomy, name) else li.out_features
+                continue
             count += self.rank * (li.in_features + li.out_features)
+            if self.use_dora:  # DoRA's magnitude: one value per output
+                count += li.out_features
         saved_params = {n for m in save for n in anatomy.params_of_module(m)}
         count += sum(anatomy.params[n].numel for n in saved_params)
         if biases:
@@ -244,22 +388,51 @@ class FreezePlan:
     def memory_estimate(self, anatomy: Anatomy, *, batch_size: int = 8, seq_len: int = 256,
                         weights: str = "float32", gradient_checkpointing: bool = False,
                         attention: str = "sdpa") -> MemoryEstimate:
-        """Bytes for weights, gradients, AdamW states and activations (see core.memory)."""
+        """Bytes for weights, gradients, AdamW states and activations (see core.memory).
+
+        What each method keeps for backward, measured on SmolLM2-135M with saved-tensor hooks
+        (``tests/test_peft_methods.py`` checks it): LoRA keeps each adapted projection's input; IA3
+        the scaled outputs (the inputs of the down-projections it scales); DoRA also keeps two
+        outputs per token and module, plus, per module, the identity matrix it multiplies through
+        the adapter to get its weight (in x in values, whatever the batch). Prompt methods train no
+        projection: a block keeps about 9*h + 2*i values per token; prompt tuning and p-tuning make
+        every row ``virtual_tokens`` longer (logits included); prefix tuning and LLaMA-Adapter add
+        keys and values, not rows; LLaMA-Adapter's backward stops at its lowest adapted block.
+        """
         r = self.resolve(anatomy)
         lowest = self.lowest_trained_block(anatomy)
         active = max(1, anatomy.n_blocks - lowest)
-        lora_in = sum(li.in_features for li in anatomy.linear.values() if li.name in self.lora_modules)
-        projections = bool(self.lora_modules) or any(
+        common = dict(trainable=r.trainable, batch_size=batch_size, weights=weights,
+                      gradient_checkpointing=gradient_checkpointing, attention=attention, lowest_trained_block=lowest)
+        if self.prompt_method:
+            longer = self.family in ("prompt_tuning", "p_tuning")
+            return estimate_memory(anatomy.numbers(), seq_len=seq_len + (self.virtual_tokens if longer else 0),
+                                   adapters=True, projections_trained=False, **common)
+        adapted = [li for li in anatomy.linear.values() if li.name in self.lora_modules]
+        if self.family == "ia3":
+            kept = sum(li.in_features if ia3_feedforward(anatomy, li.name) else li.out_features for li in adapted)
+        else:
+            kept = sum(li.in_features for li in adapted)
+            if self.use_dora:
+                kept += sum(2 * li.out_features for li in adapted)
+        projections = (bool(self.lora_modules) and self.family == "lora") or any(
             anatomy.params[n].kind in ("attention", "mlp", "other") and not anatomy.params[n].is_bias
             for n in self.train_params)
-        return estimate_memory(anatomy.numbers(), trainable=r.trainable, batch_size=batch_size,
-                               seq_len=seq_len, weights=weights, gradient_checkpointing=gradient_checkpointing,
-                               attention=attention, lora_input_features=lora_in // active,
-                               lowest_trained_block=lowest, adapters=self.method == "lora",
-                               projections_trained=projections)
+        est = estimate_memory(anatomy.numbers(), seq_len=seq_len, lora_input_features=kept // active,
+                              adapters=self.method == "lora", projections_trained=projections, **common)
+        if self.family == "lora" and self.use_dora and adapted:
+            act_bytes = 2 if weights in ("bfloat16", "float16") else 4
+            per_module = [(li.in_features * li.in_features + li.in_features * self.rank) * act_bytes for li in adapted]
+            if gradient_checkpointing:  # rebuilt one block at a time
+                est = replace(est, recompute=est.recompute + sum(per_module) // active)
+            else:
+                est = replace(est, activations=est.activations + sum(per_module))
+        return est
 
     def lowest_trained_block(self, anatomy: Anatomy) -> int:
         """Backward runs down to here; n_blocks when no block trains (only the head)."""
+        if self.prompt_method:  # virtual tokens in front: every block; LLaMA-Adapter: its lowest block
+            return anatomy.n_blocks - self.top_blocks if self.family == "adaption_prompt" else 0
         # a trained input embedding (tied heads included) needs gradients through every block
         if any(anatomy.params[n].kind == "embedding" for n in self.train_params if n in anatomy.params):
             return 0
@@ -267,6 +440,8 @@ class FreezePlan:
         return blocks[0] if blocks else anatomy.n_blocks
 
     def blocks(self, anatomy: Anatomy) -> list[int]:
+        if self.family == "adaption_prompt":
+            return list(range(anatomy.n_blocks - (self.top_blocks or anatomy.n_blocks), anatomy.n_blocks))
         out = {li.block for li in anatomy.linear.values() if li.name in self.lora_modules}
         out |= {anatomy.params[n].block for n in self.train_params if n in anatomy.params}
         return sorted(b for b in out if b is not None)
@@ -287,7 +462,9 @@ class FreezePlan:
         """The plan a run config's adapter section (an AdapterConfig) describes; names are
         checked against the model."""
         plan = cls.preset(adapter.preset, anatomy, top_n=adapter.top_n, embeddings=adapter.embeddings,
-                          head=adapter.head, rank=adapter.rank, alpha=adapter.alpha, dropout=adapter.dropout)
+                          head=adapter.head, rank=adapter.rank, alpha=adapter.alpha, dropout=adapter.dropout,
+                          use_dora=adapter.use_dora, rslora=adapter.rslora, virtual_tokens=adapter.virtual_tokens,
+                          prompt_init=adapter.prompt_init)
         linear = {li.name for li in anatomy.linear.values()}
         for name, known in zip(_EDIT_FIELDS, (linear, linear, set(anatomy.params), set(anatomy.params))):
             bad = [n for n in getattr(adapter, name) if n not in known]
@@ -299,7 +476,7 @@ class FreezePlan:
             cls(lora_modules=adapter.remove_lora, train_params=adapter.remove_train)
         edited = any(getattr(adapter, name) for name in _EDIT_FIELDS)
         plan = plan.with_settings(label=label + (" (edited)" if edited else ""))
-        if not plan.lora_modules and not plan.train_params:
+        if not plan.prompt_method and not plan.lora_modules and not plan.train_params:
             raise PlanError("the adapter section trains nothing: pick a preset or add modules (adapter.add_lora)")
         return plan
 
@@ -311,6 +488,9 @@ class FreezePlan:
         from .runconfig import AdapterConfig
 
         choice, base = self.origin, self._base(self.origin, anatomy)
+        if self.prompt_method:  # no module sets: the method and its knobs say it all
+            top = self.top_blocks if self.family == "adaption_prompt" and self.top_blocks != anatomy.n_blocks else None
+            return AdapterConfig(preset=self.family, top_n=top, **self.settings)
         if base is None:
             choice = self._nearest_preset(anatomy)
             base = self._base(choice, anatomy)
@@ -342,11 +522,12 @@ class FreezePlan:
         with_head = bool(head) and head <= self.train_params and not (with_emb and head <= emb)
         blocks = self.blocks(anatomy)
         top = anatomy.n_blocks - blocks[0] if blocks else None
-        names = ["none", "lora_attention", "lora_all_linear", "bitfit"]
+        ia3 = self.family == "ia3" and bool(self.lora_modules)  # only the ia3 preset makes IA3 modules
+        names = ["ia3"] if ia3 else ["none", "lora_attention", "lora_all_linear", "bitfit"]
         choices = [PresetChoice(n, None, e, h) for n in names for e, h in {(False, False), (with_emb, with_head)}]
         if top:
             choices += [PresetChoice(n, top, with_emb, with_head)
-                        for n in ("lora_attention", "lora_top_blocks", "freeze_tuning")]
+                        for n in (("ia3",) if ia3 else ("lora_attention", "lora_top_blocks", "freeze_tuning"))]
         best = None
         for choice in sorted(choices, key=lambda c: (PRESETS.index(c.name), c.top_n or 0, c.embeddings, c.head)):
             base = self._base(choice, anatomy)
@@ -356,6 +537,19 @@ class FreezePlan:
             if best is None or size < best[0]:
                 best = (size, choice)
         return best[1]
+
+
+def _settings_for(preset: str, settings: dict) -> dict:
+    """The knobs a preset's method has: the LoRA options only for LoRA presets, the text start only for
+    prompt tuning (another method's knobs are dropped, so a picker can switch presets freely)."""
+    out = {k: v for k, v in settings.items() if k != "family"}
+    lora = preset not in PROMPT_FAMILIES and preset != "ia3"
+    if not lora:
+        out.pop("use_dora", None)
+        out.pop("rslora", None)
+    if preset != "prompt_tuning":
+        out.pop("prompt_init", None)
+    return out
 
 
 def build_plan(adapter, anatomy: Anatomy) -> FreezePlan:

@@ -103,7 +103,8 @@ class AdapterConfig:
 
     preset: str = setting("lora_attention", help="what trains, before the additions and removals below",
                           allowed=Choice(PRESETS), widget="choice")
-    top_n: int | None = setting(None, help="lora_top_blocks / freeze_tuning: how many of the last blocks",
+    top_n: int | None = setting(None, help="lora_top_blocks / freeze_tuning (ia3, adaption_prompt: optional): how many "
+                                "of the last blocks",
                                 allowed=Int(1, null="", note="how many of the last blocks"), widget="int",
                                 label="top blocks")
     embeddings: bool = setting(False, help="also train the input embeddings", allowed=Flag(), widget="bool")
@@ -112,6 +113,16 @@ class AdapterConfig:
     alpha: float = setting(32.0, help="LoRA scale numerator (the update is scaled by alpha / rank)",
                            allowed=Float(0, min_open=True), widget="float")
     dropout: float = setting(0.05, help="LoRA dropout", allowed=Float(0, 1, max_open=True), widget="float")
+    use_dora: bool = setting(False, help="LoRA presets: DoRA (weight-decomposed LoRA: a learned magnitude per output)",
+                             allowed=Flag(), widget="bool", label="DoRA")
+    rslora: bool = setting(False, help="LoRA presets: rank-stabilised scaling (alpha / sqrt(rank) instead of alpha / rank)",
+                           allowed=Flag(), widget="bool", label="rsLoRA")
+    virtual_tokens: int = setting(20, help="prompt methods: trained virtual tokens (prompt/prefix/p-tuning; "
+                                  "adaption_prompt: per adapted block)", allowed=Int(1, 512), widget="int",
+                                  label="virtual tokens")
+    prompt_init: str | None = setting(None, help="prompt_tuning: start the soft prompt from this text's token vectors",
+                                      allowed=Text("a text (cut or repeated to the virtual tokens)", null="random"),
+                                      widget="text", label="start prompt from")
     add_lora: list[str] = setting(help="module paths to add LoRA to, e.g. model.layers.0.mlp.down_proj",
                                   allowed=Names("a list of module or parameter names"), default_factory=list)
     remove_lora: list[str] = setting(help="module paths to take out of the preset",
@@ -126,6 +137,27 @@ class AdapterConfig:
         if self.preset in ("lora_top_blocks", "freeze_tuning"):
             _need(self.top_n is not None, "adapter.top_n", self.top_n,
                   f"an integer >= 1: preset {self.preset} needs it")
+        self._check_method()
+
+    def _check_method(self) -> None:
+        """The LoRA options only with LoRA presets. (prompt_init is read by prompt_tuning only, like top_n by
+        the presets that have blocks to count; a prompt method with module edits or embeddings / head is
+        refused by the plan, which names those fields, when the run builds it.)"""
+        lora = self.preset.startswith("lora_") or self.preset == "none"
+        for name in ("use_dora", "rslora"):
+            _need(lora or not getattr(self, name), f"adapter.{name}", getattr(self, name),
+                  f"false with preset {self.preset} (a LoRA option: use it with a lora_* preset)")
+
+    def check_training(self, training) -> None:
+        """Rules between this section and training: a prompt method adds its virtual tokens to every row
+        (in front of it, or of each block's attention), which padding-free packing (all rows of a batch
+        joined into one sequence) does not carry."""
+        from .plan import PROMPT_FAMILIES
+
+        if training.packing and self.preset in PROMPT_FAMILIES:
+            raise RunConfigError(f"training.packing=True is not allowed with adapter.preset={self.preset}: its "
+                                 "virtual tokens belong to every row, and packing joins a batch's rows into one "
+                                 "sequence; allowed: training.packing false (rows padded per batch)")
 
     # preference runs: a finished run's adapter is the starting point and the frozen reference
     init_from: str | None = setting(None, help="start from this finished run's adapter (its folder); preference runs "
@@ -260,6 +292,7 @@ class RunConfig:
         _need(self.template is None or isinstance(self.template, Template), "template", self.template,
               "a mapping of template fields (user_pattern, answer_field, system, examples, ...) or null "
               "(the teaching task's own template)")
+        self.adapter.check_training(self.training)  # rules between the adapter and training sections
         if self.template is None and self.data.teaching_task is None and self.adapter.init_from is None:
             raise RunConfigError("template is null but data.source is not a teaching task: give a template "
                                  "(user_pattern, answer_field, ...) for your data")
