@@ -185,7 +185,7 @@ class Rating:
 def append_durable(path: Path, record: dict) -> None:
     """Append one JSON line and fsync it: on disk before this returns. A failed write is cut back."""
     line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         size = os.fstat(fd).st_size
         if size and os.pread(fd, 1, size - 1) != b"\n":  # a torn last line (a kill mid-write): keep it apart
@@ -340,18 +340,30 @@ class PreferenceStore:
 
     def export_trl(self, path: str | Path, objective: str = "dpo", *, template: Template | None = None,
                    **kwargs) -> Path:
-        """TRL's standard conversational format, one JSON object a line: ``prompt`` (the system and user
-        messages), ``chosen`` / ``rejected`` (one assistant message each) for dpo, ``completion`` + ``label``
-        for kto. ``datasets.load_dataset("json", data_files=path)`` loads it."""
+        """TRL's standard conversational format: ``prompt`` (the system and user messages), ``chosen`` /
+        ``rejected`` (one assistant message each) for dpo, ``completion`` + ``label`` for kto.
+
+        ``.parquet``: exact types, ``datasets.load_dataset("parquet", data_files=path)`` gives back the same
+        strings. ``.jsonl``: one object a line; load it with ``features=trl_features(objective)`` (pyarrow's
+        JSON reader turns date-like answers such as ``2021-03-05`` into timestamps otherwise)."""
         from .atomic import write_text_atomic
 
         tpl = template or self.template
         if tpl is None:
             raise ValueError("export_trl needs the template that renders the prompts (template=...)")
-        lines = [json.dumps(to_trl(tpl, row, objective), ensure_ascii=False) for row in self.rows(objective, **kwargs)]
-        if not lines:
+        records = [to_trl(tpl, row, objective) for row in self.rows(objective, **kwargs)]
+        if not records:
             raise DataError(f"no {objective} rows to export yet: rate some answers first")
-        return write_text_atomic(path, "\n".join(lines) + "\n")
+        path = Path(path)
+        if path.suffix == ".parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            tmp = path.with_name(f".{path.name}.tmp")
+            pq.write_table(pa.Table.from_pylist(records), str(tmp))
+            os.replace(tmp, path)
+            return path
+        return write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def to_trl(template: Template, row: dict, objective: str = "dpo") -> dict:
@@ -364,6 +376,16 @@ def to_trl(template: Template, row: dict, objective: str = "dpo") -> dict:
     if objective == "dpo":
         return {"prompt": prompt, "chosen": answer(row["chosen"]), "rejected": answer(row["rejected"])}
     return {"prompt": prompt, "completion": answer(row["completion"]), "label": bool(row["label"])}
+
+
+def trl_features(objective: str = "dpo"):
+    """The ``datasets.Features`` of ``export_trl``'s file (every content a string, the label a bool)."""
+    from datasets import Features, Value
+
+    message = [{"role": Value("string"), "content": Value("string")}]
+    if objective == "dpo":
+        return Features({"prompt": message, "chosen": message, "rejected": message})
+    return Features({"prompt": message, "completion": message, "label": Value("bool")})
 
 
 def scorer_pairs(candidates: Sequence[str], scores: Sequence[float]) -> list[tuple[str, str]]:
