@@ -478,6 +478,7 @@ class FreezePlan:
         plan = plan.with_settings(label=label + (" (edited)" if edited else ""))
         if not plan.prompt_method and not plan.lora_modules and not plan.train_params:
             raise PlanError("the adapter section trains nothing: pick a preset or add modules (adapter.add_lora)")
+        plan.resolve(anatomy)  # a method with edits it can't take (a prompt method with modules) fails here
         return plan
 
     def to_adapter(self, anatomy: Anatomy):

@@ -81,12 +81,27 @@ def build_model(cfg: RunConfig, setting: Setting) -> ModelParts:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.training.gradient_checkpointing)
-    model = plan.apply(model, anatomy)
+    model = plan.apply(model, anatomy, tokenizer=tokenizer)  # prompt tuning started from text reads its folder
     if setting.quantized and setting.device == "cpu":
         keep_4bit_layers_in_train_mode(model)
     if cfg.training.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
+    check_trainable(model, plan, anatomy)
     return ModelParts(model, tokenizer, anatomy, plan)
+
+
+def check_trainable(model, plan, anatomy) -> int:
+    """The parameters with requires_grad are exactly as many as the plan says (every method's count, in
+    the picker, the started event and the shoot-out table, is the one that trains); a mismatch stops
+    the run before it trains."""
+    from ..core.plan import PlanError
+
+    counted = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    said = plan.trainable_params(anatomy)
+    if counted != said:
+        raise PlanError(f"the plan ({plan.label}, {plan.kind_label}) says {said:,} parameters train, but the model "
+                        f"has {counted:,} with requires_grad; this method/model pair is not supported")
+    return counted
 
 
 def build_datasets(rows: RunRows, tokenizer) -> DataParts:

@@ -1,0 +1,135 @@
+"""Every PEFT family side by side: LoRA (DoRA, rsLoRA), IA3, prompt tuning, prefix tuning, p-tuning,
+LLaMA-Adapter (adaption prompt), BitFit and freeze tuning. Each trains through the run engine; the
+trainable count equals the requires_grad count; the saved adapter loads with plain peft and gives the
+run's own eval loss; merging works where it can and is refused by name where it can't; the memory
+estimate is checked against measured tensor bytes; the shoot-out trains every method on the same rows."""
+
+import math
+
+import pytest
+import torch
+
+import sftkit
+from sftkit.core.plan import ADAPTION_PROMPT_MODELS, PROMPT_FAMILIES
+from sftkit.core.runconfig import RunConfig, RunConfigError
+from sftkit.engine.anatomy import inspect_model
+from sftkit.engine.freeze import FreezePlan, PlanError
+from sftkit.engine.measure import measure_training_step
+
+from helpers import make_tiny_model, tiny_config
+
+# (preset, extra adapter settings) for every method the run engine offers
+METHODS = {
+    "lora": ("lora_attention", {}),
+    "dora": ("lora_attention", {"use_dora": True}),
+    "rslora": ("lora_attention", {"rslora": True}),
+    "ia3": ("ia3", {}),
+    "prompt_tuning": ("prompt_tuning", {"virtual_tokens": 6}),
+    "prompt_from_text": ("prompt_tuning", {"virtual_tokens": 6, "prompt_init": "Answer with a date:"}),
+    "prefix_tuning": ("prefix_tuning", {"virtual_tokens": 6}),
+    "p_tuning": ("p_tuning", {"virtual_tokens": 6}),
+    "adaption_prompt": ("adaption_prompt", {"virtual_tokens": 4, "top_n": 1}),
+}
+# LLaMA-Adapter's gates start at zero: a few tiny steps need a larger rate to move the loss measurably
+RATES = {"adaption_prompt": 0.05}
+
+
+def trainable(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def method_config(model_dir, store, method, **training):
+    preset, extra = METHODS[method]
+    training = {"learning_rate": RATES.get(method, 5e-3), **training}
+    cfg = tiny_config(model_dir, store, max_steps=4, eval_every=0, sample_every=0, checkpoint_every=4, **training)
+    return cfg.with_changes(name=method, adapter={"preset": preset, "rank": 4, "alpha": 8.0, "dropout": 0.0, **extra})
+
+
+def eval_loss_with_plain_peft(cfg, run, model_dir, adapter: bool = True) -> float:
+    """The eval split scored by a transformers Trainer around plain ``PeftModel.from_pretrained``."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+
+    from sftkit.core.rundata import run_rows
+    from sftkit.engine.recipes import build_datasets
+    from sftkit.engine.train import build_collator
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir))
+    if adapter:
+        model = PeftModel.from_pretrained(model, str(run.adapter_dir))
+    data = build_datasets(run_rows(cfg), tokenizer)
+    args = TrainingArguments(output_dir=str(run.path / "plain-eval"), per_device_eval_batch_size=cfg.training.batch_size,
+                             use_cpu=True, report_to="none", remove_unused_columns=False, disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, eval_dataset=data.eval, data_collator=build_collator(tokenizer, False))
+    return trainer.evaluate()["eval_loss"]
+
+
+# ---- each method through the run engine --------------------------------------------------------------
+@pytest.mark.parametrize("method", list(METHODS))
+def test_each_method_trains_and_loads_with_plain_peft_giving_the_runs_eval_loss(method, tiny_llama_dir, tmp_path):
+    from sftkit.engine.train import run_training
+
+    cfg = method_config(tiny_llama_dir, tmp_path / "runs", method)
+    result = run_training(cfg)
+    run = result.run
+    assert result.state == "finished", result.message
+    started = next(e for e in run.events() if e["event"] == "started")
+    final = run.events()[-1]
+    assert final["event"] == "finished" and math.isfinite(final["eval_loss"])
+    # the count the run reports is what trains (build_model checks it against requires_grad too)
+    model = sftkit.load_model(str(tiny_llama_dir)).model
+    anatomy = inspect_model(model)
+    plan = FreezePlan.from_adapter(cfg.adapter, anatomy)
+    assert started["trainable"] == plan.trainable_params(anatomy) == trainable(plan.apply(model, anatomy))
+    # plain peft, plain Trainer: the same eval loss the run measured with its own model
+    cfg = run.config()
+    assert eval_loss_with_plain_peft(cfg, run, tiny_llama_dir) == pytest.approx(final["eval_loss"], abs=2e-5)
+    # and the adapter is not a no-op: without it the loss is another
+    assert abs(eval_loss_with_plain_peft(cfg, run, tiny_llama_dir, adapter=False) - final["eval_loss"]) > 1e-4
+
+
+# ---- the configuration refuses what can't work, by name ----------------------------------------------
+@pytest.mark.parametrize("preset", PROMPT_FAMILIES)
+def test_prompt_methods_refuse_packing_naming_the_setting(preset, tiny_llama_dir, tmp_path):
+    with pytest.raises(RunConfigError, match=r"training.packing=True is not allowed with adapter.preset=" + preset):
+        RunConfig.from_dict({"adapter": {"preset": preset}, "training": {"packing": True}})
+    # LoRA, IA3 and the rest pack as before
+    for other in ("lora_attention", "ia3", "bitfit"):
+        assert RunConfig.from_dict({"adapter": {"preset": other}, "training": {"packing": True}}).training.packing
+
+
+@pytest.mark.parametrize("changes,words", [
+    ({"preset": "ia3", "use_dora": True}, "adapter.use_dora=True is not allowed"),
+    ({"preset": "prompt_tuning", "rslora": True}, "adapter.rslora=True is not allowed"),
+    ({"preset": "bitfit", "use_dora": True}, "adapter.use_dora=True is not allowed"),
+    ({"preset": "prompt_tuning", "virtual_tokens": 0}, "adapter.virtual_tokens=0 is not allowed"),
+    ({"preset": "prefix_tuning", "virtual_tokens": 513}, "adapter.virtual_tokens=513 is not allowed"),
+])
+def test_method_knobs_are_checked_naming_the_field(changes, words):
+    with pytest.raises(RunConfigError, match=words):
+        RunConfig.from_dict({"adapter": changes})
+
+
+def test_plan_refuses_prompt_methods_with_modules_or_unsupported_models(tiny_llama_dir, tmp_path):
+    a = inspect_model(sftkit.load_model(str(tiny_llama_dir)).model)
+    base = RunConfig().adapter
+    for preset in PROMPT_FAMILIES:
+        adapter = base.__class__(preset=preset, embeddings=True)
+        with pytest.raises(PlanError, match="adapter.embeddings"):
+            FreezePlan.from_adapter(adapter, a)
+        adapter = base.__class__(preset=preset, add_lora=["model.layers.0.self_attn.q_proj"])
+        with pytest.raises(PlanError, match="adapter.add_lora"):
+            FreezePlan.from_adapter(adapter, a)
+    qwen = inspect_model(sftkit.load_model(str(make_tiny_model(tmp_path / "q", "qwen2", tiny_llama_dir))).model)
+    with pytest.raises(PlanError, match="IA3 has no bias option"):
+        (FreezePlan.preset("ia3", qwen) | FreezePlan.biases(qwen)).resolve(qwen)
+    assert qwen.model_type not in ADAPTION_PROMPT_MODELS
+    with pytest.raises(PlanError, match="adaption_prompt .* supports model types llama, mistral, gpt2"):
+        FreezePlan.preset("adaption_prompt", qwen).resolve(qwen)
+
+
+def test_adaption_prompt_model_types_are_peft_s():
+    from peft.tuners.adaption_prompt.config import TRANSFORMERS_MODEL_CONFIG
+
+    assert set(ADAPTION_PROMPT_MODELS) == set(TRANSFORMERS_MODEL_CONFIG)
