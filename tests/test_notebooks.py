@@ -5,6 +5,7 @@ exports/ and the run store runs/ relative to it) and with a private sftkit cache
 the converted default model, so a test run leaves nothing in notebooks/ or the user's cache.
 """
 
+import json
 from pathlib import Path
 
 import nbformat
@@ -132,3 +133,22 @@ def test_prompt_vs_finetune_notebook_gives_verdicts_and_forgetting(workdir, monk
     assert (workdir / "exports" / "prompt-vs-finetune.html").is_file()
     run = next(p for p in (workdir / "runs").iterdir() if (p / "adapter").is_dir())
     assert (run / "compare" / "compare.jsonl").is_file()  # per-item results cached in the run folder
+
+
+@pytest.mark.slow
+def test_feedback_notebook_labels_rates_trains_dpo_and_compares(workdir, monkeypatch):
+    monkeypatch.setenv("SFTKIT_NOTEBOOK_STEPS", "4")
+    monkeypatch.setenv("SFTKIT_NOTEBOOK_PROMPTS", "24")
+    monkeypatch.setenv("SFTKIT_NOTEBOOK_ITEMS", "8")
+    nb = run_notebook("06_feedback.ipynb", workdir)
+    assert shows_a_widget(nb), "the FeedbackCollector did not display"
+    text = outputs_text(nb)
+    assert "by hand" in text and "by the scorer" in text and "'pairs':" in text
+    assert "finished 4 steps" in text and " on 8 items" in text, text[-3000:]
+    assert "Dataset({" in text and "'chosen'" in text
+    ratings = workdir / "runs" / "feedback" / "dates" / "ratings.jsonl"
+    lines = [json.loads(line) for line in ratings.read_text().splitlines()]
+    assert sum(r.get("source") == "person" and r["kind"] == "pair" for r in lines) >= 3  # the three written answers
+    assert (workdir / "exports" / "dates-pairs.parquet").is_file()
+    dpo = [p for p in (workdir / "runs").iterdir() if p.name.endswith("-dates-dpo")]
+    assert len(dpo) == 1 and (dpo[0] / "adapter" / "adapter_config.json").is_file()
