@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import linked_cache, missing_piece, project_copy, running_lab
+from helpers import linked_cache, missing_piece, project_copy, running_lab, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium")
@@ -246,6 +246,42 @@ def test_compare_view_renders_the_summary_chart_and_the_per_item_table(lab, page
         page.screenshot(path="/tmp/sftkit-compare-failure.png", full_page=True)
         raise
     page.screenshot(path=str(tmp_path / "compare.png"), full_page=True)
+
+
+
+def test_feedback_collector_rates_two_items_by_clicking(lab, page, tmp_path):
+    import json
+
+    panel = open_alone(page, lab, "06_feedback.ipynb", "feedback-test")
+    panel.locator(".jp-Cell").nth(2).click()  # the SFT run (trained here if runs/ has none), then the collector
+    for _ in range(3):
+        page.keyboard.press("Shift+Enter")
+    ratings = lab["notebooks"] / "runs" / "feedback" / "dates" / "ratings.jsonl"
+
+    def n_ratings() -> int:
+        return len(ratings.read_text().splitlines()) if ratings.exists() else 0
+
+    before = n_ratings()  # a collector reopened on the lab's store continues after what is there
+    try:
+        for n, button in enumerate(("A better", "B better"), start=1):
+            prompt = panel.locator(".sftkit-feedback-prompt").first
+            prompt.wait_for(timeout=600_000)
+            shown = prompt.inner_text()
+            assert panel.locator(".sftkit-feedback-candidate").count() == 2
+            panel.locator("button", has_text=button).first.click()
+            wait_for(lambda: n_ratings() >= before + n, timeout=60, what=f"rating {n} in ratings.jsonl")
+            page.wait_for_function("([el, old]) => el.isConnected === false || el.innerText !== old",
+                                   arg=[prompt.element_handle(), shown], timeout=120_000)
+        kinds = [json.loads(line)["kind"] for line in ratings.read_text().splitlines()[before:]]
+        assert len(kinds) == 2 and set(kinds) <= {"pair", "tie"}, kinds  # a tie only when A and B are the same text
+        counter = panel.locator(".sftkit-feedback-count").first
+        pairs = kinds.count("pair")
+        page.wait_for_function("([el, n]) => el.innerText.includes(n + ' pairs')",
+                               arg=[counter.element_handle(), str(pairs)], timeout=30_000)
+    except Exception:
+        page.screenshot(path="/tmp/sftkit-feedback-failure.png", full_page=True)
+        raise
+    page.screenshot(path=str(tmp_path / "feedback.png"), full_page=True)
 
 
 # ---- the guard against skipping in CI ------------------------------------------------------

@@ -434,7 +434,7 @@ def _pair_accuracy(model, tokenizer, template, rows, slot):
     return wins / len(examples)
 
 
-def measure(work: Path, *, n_items: int = 60, sft_steps: int = 6, prompts: int = 160, dpo_steps: int = 16) -> dict:
+def measure(work: Path, *, n_items: int = 60, sft_steps: int = 6, prompts: int = 160, dpo_steps: int = 10) -> dict:
     """The closing note's numbers, end to end on the default model (also run by ``python tests/test_feedback.py``):
     a short SFT run on dates; K=4 samples per fresh prompt from its adapter, labelled by the task's scorer; a DPO
     run from that adapter (prompts split: a quarter held out); held-out pair accuracy of both adapters; the task
