@@ -40,8 +40,9 @@ def trainable(model) -> int:
 
 def method_config(model_dir, store, method, **training):
     preset, extra = METHODS[method]
-    training = {"learning_rate": RATES.get(method, 5e-3), **training}
-    cfg = tiny_config(model_dir, store, max_steps=4, eval_every=0, sample_every=0, checkpoint_every=4, **training)
+    training = {"learning_rate": RATES.get(method, 5e-3), "max_steps": 4, "eval_every": 0, "sample_every": 0,
+                "checkpoint_every": 4, **training}
+    cfg = tiny_config(model_dir, store, **training)
     return cfg.with_changes(name=method, adapter={"preset": preset, "rank": 4, "alpha": 8.0, "dropout": 0.0, **extra})
 
 
@@ -133,3 +134,41 @@ def test_adaption_prompt_model_types_are_peft_s():
     from peft.tuners.adaption_prompt.config import TRANSFORMERS_MODEL_CONFIG
 
     assert set(ADAPTION_PROMPT_MODELS) == set(TRANSFORMERS_MODEL_CONFIG)
+
+
+# ---- export honesty -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method,merges", [("ia3", True), ("dora", True), ("prompt_tuning", False),
+                                           ("prefix_tuning", False)])
+def test_merge_what_can_merge_and_refuse_by_name_what_cant(method, merges, tiny_llama_dir, tmp_path):
+    from peft import PeftConfig, PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from sftkit.engine.output import MergeRefused, export_adapter, load_trained, merge_and_save
+    from sftkit.engine.train import run_training
+
+    run = run_training(method_config(tiny_llama_dir, tmp_path / "runs", method, max_steps=2)).run
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    tuned, _ = load_trained(run)
+    with torch.no_grad():
+        want = tuned(input_ids=ids).logits[:, -ids.shape[1]:]  # prompt tuning's logits include its virtual tokens
+    if merges:
+        out = merge_and_save(run, tmp_path / "merged")
+        merged = AutoModelForCausalLM.from_pretrained(str(out))
+        with torch.no_grad():
+            assert torch.allclose(merged(input_ids=ids).logits, want, atol=1e-4)
+    else:
+        with pytest.raises(MergeRefused, match=rf"adapter.preset={METHODS[method][0]}.*nothing to merge"):
+            merge_and_save(run, tmp_path / "merged")
+        assert not (tmp_path / "merged").exists()  # refused before anything was written
+    exported = export_adapter(run, tmp_path / "exported")
+    assert PeftConfig.from_pretrained(str(exported)).peft_type.value == {
+        "ia3": "IA3", "dora": "LORA", "prompt_tuning": "PROMPT_TUNING", "prefix_tuning": "PREFIX_TUNING"}[method]
+    again = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir)), str(exported))
+    with torch.no_grad():
+        assert torch.allclose(again(input_ids=ids).logits[:, -ids.shape[1]:], want, atol=1e-5)
+    export_adapter(run, tmp_path / "exported")  # an earlier export is replaced
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(Exception, match="did not write"):
+        export_adapter(run, tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"

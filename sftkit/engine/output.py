@@ -1,4 +1,6 @@
-"""What a run leaves behind: load the trained adapter, or merge it into a full model."""
+"""What a run leaves behind: load the trained adapter, merge it into a full model (the methods that
+change weights: LoRA, DoRA, IA3), or export the adapter as it is (every method; the only export of a
+prompt method, which has no weights to fold in)."""
 
 from __future__ import annotations
 
@@ -43,6 +45,65 @@ def load_trained(run, *, quantization: str = "none", device: str = "auto", check
 
 
 MERGE_MARKER = ".sftkit-merged.json"
+# peft methods whose adapter is not a change of weights: they add virtual tokens, nothing to fold in
+UNMERGEABLE = {"PROMPT_TUNING": "prompt tuning", "PREFIX_TUNING": "prefix tuning", "P_TUNING": "p-tuning",
+               "ADAPTION_PROMPT": "LLaMA-Adapter (adaption prompt)"}
+
+
+class MergeRefused(RunStateError):
+    """The run's method can't be merged into the weights (a soft prompt, a prefix): export the adapter."""
+
+
+def adapter_method(run) -> str | None:
+    """peft's type of the run's saved adapter (``LORA``, ``IA3``, ``PROMPT_TUNING``, ...); None without one."""
+    import json
+
+    run = _run(run)
+    try:
+        return json.loads((run.adapter_dir / "adapter_config.json").read_text(encoding="utf-8")).get("peft_type")
+    except (OSError, ValueError):
+        return None
+
+
+def check_mergeable(run) -> None:
+    """Refuse, naming the method and the setting, to merge an adapter that is not a weight change."""
+    run = _run(run)
+    kind = adapter_method(run)
+    if kind in UNMERGEABLE:
+        preset = run.config().adapter.preset
+        raise MergeRefused(f"run {run.name} trained {UNMERGEABLE[kind]} (adapter.preset={preset}): its virtual tokens "
+                           "are not a change of the weights, so there is nothing to merge. Use the adapter as it is "
+                           f"({run.adapter_dir}, plain peft.PeftModel.from_pretrained loads it), or export it with "
+                           "sftkit.export_adapter; merging works for LoRA, DoRA and IA3 runs")
+
+
+def export_adapter(run, output: str | Path, *, force: bool = False) -> Path:
+    """The run's adapter (any peft method) and tokenizer copied to ``output``: the export of a method that
+    can't merge. ``output`` follows merge_and_save's rules (new, empty, or an earlier export's)."""
+    import json
+    import time
+
+    from ..core.atomic import write_text_atomic
+
+    run = _run(run)
+    output = Path(output).expanduser()
+    _check_merge_output(run, output, force)
+    if not (run.adapter_dir / "adapter_config.json").is_file():
+        raise RunStateError(f"run {run.name} has no adapter to export ({run.adapter_dir}); the run is {run.state()}")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".export", dir=str(output.parent)))
+    try:
+        shutil.copytree(run.adapter_dir, tmp / "adapter")
+        files = sorted(str(p.relative_to(tmp / "adapter")) for p in (tmp / "adapter").rglob("*") if p.is_file())
+        write_text_atomic(tmp / "adapter" / MERGE_MARKER, json.dumps({"run": str(run.path.resolve()),
+                                                                       "time": time.time(), "files": files}))
+        _check_merge_output(run, output, force)
+        if output.exists():
+            shutil.rmtree(output)
+        (tmp / "adapter").rename(output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return output
 
 
 def _merge_files(output: Path) -> set[str] | None:
@@ -87,6 +148,9 @@ def _check_merge_output(run: RunFolder, output: Path, force: bool) -> None:
 def merge_and_save(run, output: str | Path, *, force: bool = False) -> Path:
     """Merge the run's adapter into its (unquantized) base model; save safetensors + tokenizer.
 
+    LoRA, DoRA and IA3 merge; a prompt method (prompt / prefix tuning, p-tuning, LLaMA-Adapter) is
+    refused with ``MergeRefused`` naming it (``export_adapter`` copies its adapter instead).
+
     output: a new or empty folder, or an earlier merge's output (a marker lists what it wrote),
     which is replaced. Any other existing folder is refused unless ``force``. The new model is
     written beside it and swapped in: the old folder renamed aside, the new one renamed in (the
@@ -99,6 +163,7 @@ def merge_and_save(run, output: str | Path, *, force: bool = False) -> Path:
 
     run = _run(run)
     output = Path(output).expanduser()
+    check_mergeable(run)  # a soft prompt or a prefix has nothing to merge: said before anything is loaded
     _check_merge_output(run, output, force)  # before any model is loaded
     model, tokenizer = load_trained(run, quantization="none", device="cpu")
     merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
