@@ -93,7 +93,7 @@ def test_each_method_trains_and_loads_with_plain_peft_giving_the_runs_eval_loss(
 # ---- the configuration refuses what can't work, by name ----------------------------------------------
 @pytest.mark.parametrize("preset", PROMPT_FAMILIES)
 def test_prompt_methods_refuse_packing_naming_the_setting(preset, tiny_llama_dir, tmp_path):
-    with pytest.raises(RunConfigError, match=r"training.packing=True is not allowed with adapter.preset=" + preset):
+    with pytest.raises(RunConfigError, match=r"training.packing=on is not allowed with adapter.preset=" + preset):
         RunConfig.from_dict({"adapter": {"preset": preset}, "training": {"packing": True}})
     # LoRA, IA3 and the rest pack as before
     for other in ("lora_attention", "ia3", "bitfit"):
@@ -172,3 +172,38 @@ def test_merge_what_can_merge_and_refuse_by_name_what_cant(method, merges, tiny_
     with pytest.raises(Exception, match="did not write"):
         export_adapter(run, tmp_path / "mine")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
+# ---- the shoot-out -----------------------------------------------------------------------------------------
+def test_shootout_trains_each_method_as_a_run_and_scores_them_on_the_same_items(tiny_llama_dir, tmp_path, cache):
+    from sftkit.core.runstore import RunStore
+    from sftkit.engine.shootout import METHODS, Budget, Shootout, compare_methods, latest_shootout
+
+    lines = []
+    chosen = ["LoRA", "IA3", "prompt tuning", "BitFit"]
+    result = compare_methods("dates", chosen, Budget(steps=3, batch_size=4, rows=60, eval_items=6),
+                             model=str(tiny_llama_dir), store=tmp_path / "runs", progress=lines.append)
+    assert [r["method"] for r in result.methods] == chosen and result.complete
+    runs = {r.name: r for r in RunStore(tmp_path / "runs").runs()}
+    assert len(runs) == 4  # one ordinary run per method, in the history
+    model = sftkit.load_model(str(tiny_llama_dir)).model
+    a = inspect_model(model)
+    for row in result.methods:
+        run = runs[row["run"]]
+        cfg = run.config()
+        assert cfg.training.max_steps == 3 and cfg.training.seed == 0 and cfg.data.rows == 60  # the same budget
+        assert cfg.training.learning_rate == METHODS[row["method"]].learning_rate
+        plan = FreezePlan.from_adapter(cfg.adapter, a)
+        assert row["trainable"] == plan.trainable_params(a)
+        assert row["trainable_percent"] == pytest.approx(100 * row["trainable"] / a.total_params)
+        assert row["state"] == "finished" and row["peak_mib"] > 0 and row["tokens_per_s"] > 0 and row["minutes"] > 0
+        assert row["n"] == 6 and row["score"] is not None and len(row["score_ci"]) == 2
+        assert row["score_ci"][0] <= row["score"] <= row["score_ci"][1]
+        assert row["kl"] is not None and row["kl"] >= 0  # forgetting, for adapters and for BitFit's saved model
+        assert [s for s, _ in result.curves[row["method"]]] == [1, 2, 3]
+    assert result.best in chosen and sum(r.get("vs_best") == "best" for r in result.methods) == 1
+    assert all("p_vs_best" in r for r in result.methods if r["method"] != result.best)
+    assert any("training prompt tuning (3/4)" in line for line in lines)
+    # saved beside the runs: a re-opened notebook reads the same table
+    again = latest_shootout(tmp_path / "runs")
+    assert again.methods == Shootout.from_dict(result.to_dict()).methods and "prompt tuning" in again.text()

@@ -373,9 +373,15 @@ def _attach(model, variants: Sequence[Variant]):
 
 
 def _detach(model, slots: dict, wrapped: bool, previous) -> None:
-    """Take out what ``_attach`` added: the adapter layers (a plain model) or the added adapters."""
+    """Take out what ``_attach`` added: the adapter layers (a plain model) or the added adapters. A prompt
+    method's wrapper never touched the model; LLaMA-Adapter's attention wrappers are taken out."""
     if wrapped:
-        model.unload()
+        kinds = {str(getattr(c, "peft_type", "")).rsplit(".", 1)[-1] for c in model.peft_config.values()}
+        if "ADAPTION_PROMPT" in kinds:
+            for slot in list(model.peft_config):
+                model.base_model.delete_adapter(slot)
+        elif not kinds & PROMPT_TYPES:
+            model.unload()
     elif slots:
         for slot in slots.values():
             model.delete_adapter(slot)
@@ -398,15 +404,48 @@ class _Active:
                 self._ctx.__enter__()
             else:
                 self.model.set_adapter(self.slot)
-                for name, p in self.model.named_parameters():  # comparing never trains: no grads needed
-                    if "lora_" in name:
-                        p.requires_grad_(False)
+                for p in self.model.parameters():  # comparing never trains (any peft method): no grads needed
+                    p.requires_grad_(False)
         return self.model
 
     def __exit__(self, *exc):
         if self._ctx is not None:
             return self._ctx.__exit__(*exc)
         return False
+
+
+def _token_logits(logits, length: int):
+    """The logits of the input's own tokens: prompt tuning and p-tuning put their virtual tokens' logits first."""
+    return logits[:, -length:]
+
+
+def _adapter_type(path: str) -> str:
+    try:
+        return json.loads((Path(path) / "adapter_config.json").read_text(encoding="utf-8")).get("peft_type", "")
+    except (OSError, ValueError):
+        return ""
+
+
+def _shareable(variants: Sequence[Variant]) -> bool:
+    """Adapters share one PeftModel only when they are all of one injected type (LoRA with LoRA, IA3 with
+    IA3); a prompt method wraps the model without touching it and has one adapter per wrapper."""
+    types = {_adapter_type(v.adapter) for v in variants if v.adapter is not None}
+    return len(types) <= 1 and not (types & PROMPT_TYPES and sum(v.adapter is not None for v in variants) > 1)
+
+
+PROMPT_TYPES = {"PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "ADAPTION_PROMPT"}
+
+
+def _merged(parts: list[Comparison], order: list[str]) -> Comparison:
+    """Comparisons of the same items (made one group of variants at a time) as one."""
+    first = parts[0]
+    n = min(c.n for c in parts)
+    pick = {v: c for c in parts for v in c.variants}
+    return Comparison(variants=order, items=first.items, results={v: pick[v].results[v][:n] for v in order},
+                      forgetting={k: f for c in parts for k, f in c.forgetting.items()},
+                      complete=all(c.complete for c in parts), primary=first.primary,
+                      inputs={v: pick[v].inputs[v][:n] for v in order},
+                      references={v: pick[v].references[v][:n] for v in order}, seed=first.seed, labels=first.labels)
 
 
 def _pad_id(tokenizer) -> int:
@@ -449,7 +488,7 @@ def _reference_losses(model, tokenizer, rendered) -> list[float]:
                        device=model.device)
     labels = torch.tensor([r.labels + [-100] * (width - len(r.input_ids)) for r in rendered], device=model.device)
     with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=att).logits.float()
+        logits = _token_logits(model(input_ids=ids, attention_mask=att).logits, ids.shape[1]).float()
     target = labels[:, 1:]
     ce = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), target.clamp(min=0), reduction="none")
     keep = (target != -100).float()
@@ -480,7 +519,7 @@ def _forgetting(model, tokenizer, slots: dict[str, str], n_tokens: int) -> dict[
 
     def logprobs(slot):
         with _Active(model, slot), torch.no_grad():
-            return torch.log_softmax(model(input_ids=x).logits[0, :-1].float(), dim=-1)
+            return torch.log_softmax(_token_logits(model(input_ids=x).logits, x.shape[1])[0, :-1].float(), dim=-1)
 
     target = x[0, 1:]
     base = logprobs(None)
@@ -543,6 +582,28 @@ def compare(variants: Sequence[Variant], rows: Sequence[dict], *, model, tokeniz
         if v.few_shot and v.template.examples:
             check_examples(v.template, rows, v.name)
         v.template.check_columns(sorted({k for r in rows for k in r}))
+    if not _shareable(variants):  # e.g. LoRA next to a soft prompt: each adapter on the base model in turn
+        for v in variants:
+            if v.adapter is not None and not (Path(v.adapter) / "adapter_config.json").is_file():
+                raise FileNotFoundError(f"variant {v.name!r}: {v.adapter} holds no adapter (adapter_config.json)")
+        groups = [[v for v in variants if v.adapter is None]] + [[v] for v in variants if v.adapter is not None]
+        done_before, parts = 0, []
+        for group in [g for g in groups if g]:
+            def part_progress(done, total, offset=done_before):
+                if progress is not None:
+                    progress(offset + done, len(rows) * len(variants))
+
+            parts.append(compare(group, rows, model=model, tokenizer=tokenizer, scorer=scorer, labels=labels,
+                                 classes=classes, batch_size=batch_size, seed=seed, forgetting=forgetting,
+                                 general_text_tokens=general_text_tokens, cache=cache, progress=part_progress,
+                                 stop=stop))
+            done_before += len(rows) * len(group)
+            if not parts[-1].complete:
+                break
+        made = {name for part in parts for name in part.variants}
+        merged = _merged(parts, [v.name for v in variants if v.name in made])
+        merged.complete = merged.complete and len(merged.variants) == len(variants)
+        return merged
 
     cached: dict[tuple[str, str], dict] = {}
     cache_path = None
