@@ -46,6 +46,13 @@ _LAZY = {
     # preferences: ratings, and the rows a dpo / kto run trains on
     "PreferenceStore": ("sftkit.core.preferences", "PreferenceStore"),
     "sample_candidates": ("sftkit.engine.preference", "sample_candidates"),
+    # PEFT methods side by side
+    "compare_methods": ("sftkit.engine.shootout", "compare_methods"),
+    "Budget": ("sftkit.engine.shootout", "Budget"),
+    "PeftMethod": ("sftkit.engine.shootout", "Method"),
+    "PEFT_METHODS": ("sftkit.engine.shootout", "METHODS"),
+    "latest_shootout": ("sftkit.engine.shootout", "latest_shootout"),
+    "export_adapter": ("sftkit.engine.output", "export_adapter"),
     # memory
     "measure_training_step": ("sftkit.engine.measure", "measure_training_step"),
     # attention

@@ -207,3 +207,20 @@ def test_shootout_trains_each_method_as_a_run_and_scores_them_on_the_same_items(
     # saved beside the runs: a re-opened notebook reads the same table
     again = latest_shootout(tmp_path / "runs")
     assert again.methods == Shootout.from_dict(result.to_dict()).methods and "prompt tuning" in again.text()
+    # and the view shows it after a restart: the table and the four curves
+    from sftkit.ui import ShootoutView
+
+    view = ShootoutView.reopen(tmp_path / "runs")
+    assert all(name in view.table.value for name in chosen) and len(view.figure.data) == 4
+    assert view.start_button.disabled is False and view.stop_button.disabled is True
+
+
+def test_shootout_table_escapes_what_it_shows():
+    from sftkit.engine.shootout import Shootout
+    from sftkit.ui.shootout_view import table_html
+
+    row = {"method": "<img src=x onerror=alert(1)>", "trainable": 10, "trainable_percent": 0.01, "peak_mib": 1.0,
+           "tokens_per_s": 2.0, "minutes": 0.1, "eval_loss": 1.0, "score": 0.5, "score_ci": [0.2, 0.8],
+           "vs_best": "<b>x</b>", "kl": 0.0}
+    out = table_html(Shootout(task="<t>", budget={"steps": 1}, methods=[row], best=row["method"]))
+    assert "<img" not in out and "&lt;img" in out and "<b>x</b>" not in out and "50.0% [20.0, 80.0]" in out

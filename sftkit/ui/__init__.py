@@ -14,6 +14,7 @@ _LAZY = {
     "RunLauncher": ("sftkit.ui.run_launcher", "RunLauncher"),
     "RunHistory": ("sftkit.ui.run_history", "RunHistory"),
     "CompareView": ("sftkit.ui.compare_view", "CompareView"),
+    "ShootoutView": ("sftkit.ui.shootout_view", "ShootoutView"),
     "FeedbackCollector": ("sftkit.ui.feedback", "FeedbackCollector"),
 }
 __all__ = list(_LAZY)
