@@ -184,7 +184,7 @@ def test_messages_keep_their_wording():
         ("data", "eval_fraction", 1): "data.eval_fraction=1 is not allowed; allowed: a number in [0, 1) "
                                       "(0: no eval split)",
         ("model", "device", "tpu"): "model.device='tpu' is not allowed; allowed: auto, cpu, cuda",
-        ("training", "packing", "yes"): "training.packing='yes' is not allowed; allowed: true or false",
+        ("training", "packing", "yes"): "training.packing='yes' is not allowed; allowed: auto, on, off",
     }
     for (section, name, value), expected in cases.items():
         with pytest.raises(RunConfigError) as err:
@@ -244,7 +244,7 @@ def test_example_yaml_has_a_comment_above_every_field():
 
 def test_comment_is_the_help_and_the_allowed_values():
     assert COMMENTS["training.batch_size"] == "rows per device per forward pass. Allowed: an integer from 1 to 4096"
-    assert COMMENTS["training.packing"] == FIELDS["training.packing"].metadata[HELP]
+    assert COMMENTS["training.group_by_length"] == FIELDS["training.group_by_length"].metadata[HELP]  # a flag: help only
 
 
 def test_a_field_without_a_comment_is_an_error_not_skipped():

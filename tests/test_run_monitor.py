@@ -41,6 +41,12 @@ def test_monitor_follows_a_run_and_starts_over_on_a_rewind(tmp_path):
     assert monitor.curves()[5][1].tolist() == [1.0, 1.0, 1.0]  # memory in MiB
     assert monitor.progress().label.startswith("step 3/10")
     assert not monitor.refresh().data  # nothing new
+    assert monitor.batching == ""
+    writer.event("batching", packing=True, padding_share=0.6, message="packing: on (auto): <60%> padding",
+                 fast_loss=True, loss="the head at trained positions", max_pass_tokens=512)
+    monitor.refresh()
+    assert monitor.batching == ("packing: on (auto): <60%> padding; loss: the head at trained positions; "
+                                "passes of at most 512 tokens")
     # a resume from step 1 replaces the curves: the monitor starts over
     run.truncate_metrics(1)
     writer.metric({"step": 2, "loss": 0.25})

@@ -41,6 +41,8 @@ def test_launcher_start_stop_and_traces_grow(tiny_llama_dir, tmp_path, cache):  
     grown = len(launcher.figure.data[0].x)
     wait_for(lambda: len(launcher.figure.data[0].x) > grown, what="the loss curve to grow further")
     assert len(launcher.figure.data[2].x) > 0 and "step" in launcher.progress_label.value
+    # how the run batches (packing chosen from the rows) and computes its loss, from its events
+    assert "packing: off (auto)" in launcher.message.value and "trained positions only" in launcher.message.value
     # a second Start while it runs is refused (button disabled; the call reports why)
     assert launcher.start_button.disabled
     launcher.stop_button.click()

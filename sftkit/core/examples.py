@@ -29,7 +29,7 @@ def example_config() -> RunConfig:
         "adapter": {"preset": "lora_all_linear", "rank": 16, "alpha": 32.0, "dropout": 0.0},
         "training": {"max_steps": 12, "batch_size": 8, "learning_rate": 1e-3, "lr_schedule": "cosine",
                      "warmup": 0.1, "eval_every": 6, "checkpoint_every": 6, "sample_every": 6,
-                     "packing": False, "sample_max_new_tokens": 16},
+                     "sample_max_new_tokens": 16},
     })
 
 

@@ -155,12 +155,19 @@ class Float(Number):
 
 @dataclass(frozen=True)
 class Choice(Allowed):
-    """One of ``options`` (strings)."""
+    """One of ``options`` (strings). ``flags``: the options YAML's true and false stand for (a field
+    that was a flag and grew an ``auto``: ``packing: true`` still reads as ``on``)."""
 
     options: tuple[str, ...] = ()
+    flags: tuple[str, str] | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "options", tuple(self.options))  # a list or a dict's keys work too
+
+    def coerce(self, value):
+        if self.flags is not None and isinstance(value, bool):
+            return self.flags[0] if value else self.flags[1]
+        return value
 
     def accepts(self, value) -> bool:
         return isinstance(value, str) and value in self.options

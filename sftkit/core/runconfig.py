@@ -24,6 +24,7 @@ from .plan import PRESETS  # the one definition, with what each preset means
 from .policy import DEVICES, DTYPES, QUANTIZATIONS
 from .template import Template
 
+PACKING = ("auto", "on", "off")
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
 ATTENTION = ("sdpa", "eager")
 WARMUP_ALLOWED = "a fraction of the steps in [0, 1) or a whole number of steps"
@@ -154,10 +155,10 @@ class AdapterConfig:
         joined into one sequence) does not carry."""
         from .plan import PROMPT_FAMILIES
 
-        if training.packing and self.preset in PROMPT_FAMILIES:
-            raise RunConfigError(f"training.packing=True is not allowed with adapter.preset={self.preset}: its "
+        if training.packing == "on" and self.preset in PROMPT_FAMILIES:
+            raise RunConfigError(f"training.packing=on is not allowed with adapter.preset={self.preset}: its "
                                  "virtual tokens belong to every row, and packing joins a batch's rows into one "
-                                 "sequence; allowed: training.packing false (rows padded per batch)")
+                                 "sequence; allowed: training.packing auto or off (rows padded per batch)")
 
     # preference runs: a finished run's adapter is the starting point and the frozen reference
     init_from: str | None = setting(None, help="start from this finished run's adapter (its folder); preference runs "
@@ -200,8 +201,14 @@ class TrainingConfig:
     gradient_checkpointing: bool = setting(False, allowed=Flag(), widget="bool",
                                            help="recompute activations in backward: less memory, about 30% slower")
     seed: int = setting(42, help="the same seed gives the same run", allowed=Int(), widget="int")
-    packing: bool = setting(False, allowed=Flag(), widget="bool", label="packing (no padding)",
-                            help="each batch as one padding-free sequence (rows kept apart: no cross-row attention)")
+    packing: str = setting("auto", allowed=Choice(PACKING, flags=("on", "off")), widget="choice",
+                           label="packing (no padding)",
+                           help="each batch as one padding-free sequence, rows kept apart (auto: on when padding would be "
+                                "more than 15% of a padded batch of these rows)")
+    max_pass_tokens: int | None = setting(1024, allowed=Int(16, null="the whole batch in one pass"), widget="int",
+                                          label="tokens per pass",
+                                          help="a batch runs as passes of whole rows of at most this many tokens: the "
+                                               "same gradient, the memory of one pass (more passes: a little slower)")
     group_by_length: bool = setting(False, allowed=Flag(), widget="bool", label="group by length",
                                     help="batch rows of similar length together: less padding, a less random order")
     checkpoint_every: int = setting(50, help="optimizer steps between resumable checkpoints",

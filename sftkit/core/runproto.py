@@ -291,7 +291,8 @@ class Metric:
 
 EVENT_KINDS = ("started", "resumed", "checkpoint", "eval", "sample", "sample_failed", "rows_dropped",
                "truncated", "data_changed", "train_summary", "stopped", "finished", "failed", "interrupted",
-               "warning")  # warning: something the run should be told (few preference pairs, memorised pairs)
+               "warning",  # warning: something the run should be told (few preference pairs, memorised pairs)
+               "batching")  # batching: packing chosen or not (and the padding it saves), the loss path, passes
 
 
 @dataclass(frozen=True)

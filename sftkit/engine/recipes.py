@@ -114,21 +114,66 @@ def build_datasets(rows: RunRows, tokenizer) -> DataParts:
     return DataParts(train, evals or None, tuple(reports))
 
 
-def build_trainer(cfg: RunConfig, parts: ModelParts, data: DataParts, ctx: RunContext, setting: Setting):
+@dataclass(frozen=True)
+class Batching:
+    """How batches are made and the loss computed, decided once from the config, the model and the rows."""
+
+    packing: bool
+    padding_share: float  # of padded batches of these rows (what packing saves)
+    why: str
+    fast_loss: bool  # the head and the loss only at trained positions
+    loss_why: str
+    max_pass_tokens: int | None
+    packed_attention: bool  # each packed row's attention on its own block
+
+    def to_event(self) -> dict:
+        return {"packing": self.packing, "padding_share": round(self.padding_share, 4), "message": self.why,
+                "fast_loss": self.fast_loss, "loss": self.loss_why, "max_pass_tokens": self.max_pass_tokens,
+                "packed_attention": self.packed_attention}
+
+
+def choose_batching(cfg: RunConfig, parts: ModelParts, data: DataParts, setting: Setting) -> Batching:
+    """``training.packing`` (auto: packing when padded batches of these rows would be mostly padding),
+    the loss on trained positions where the model allows it, passes of ``training.max_pass_tokens``
+    (one process only: several processes would synchronise gradients after every pass)."""
+    from .fast import choose_packing, supports_trained_positions_loss, use_packed_attention
+
+    t = cfg.training
+    lengths = [len(r["input_ids"]) for r in data.train]
+    fast, why_not = supports_trained_positions_loss(parts.model)
+    setting_value = {"on": True, "off": False}.get(t.packing, "auto")
+    if setting_value == "auto" and not fast and why_not.startswith("prompt-learning"):
+        setting_value = False  # virtual tokens belong to every row: never packed
+    packing, share, why = choose_packing(setting_value, lengths, t.batch_size)
+    if setting_value is False and t.packing == "auto":
+        why = f"packing: off (auto): {why_not}"
+    attention = use_packed_attention(parts.model) if packing else False
+    loss_why = ("the head and the loss at the trained positions only" if fast
+                else f"the model's own loss on every position ({why_not})")
+    passes = t.max_pass_tokens if fast and setting.world == 1 else None
+    return Batching(packing, share, why, fast, loss_why, passes, attention)
+
+
+def build_trainer(cfg: RunConfig, parts: ModelParts, data: DataParts, ctx: RunContext, setting: Setting,
+                  batching: Batching | None = None):
     from transformers import EarlyStoppingCallback
 
     from .train import GuardedTrainer, build_collator, build_training_arguments
 
+    batching = batching or choose_batching(cfg, parts, data, setting)
     args = build_training_arguments(cfg, ctx.run.checkpoints_dir, device=setting.device,
-                                    compute_dtype=setting.compute_dtype, has_eval=bool(data.eval))
+                                    compute_dtype=setting.compute_dtype, has_eval=bool(data.eval),
+                                    packed=batching.packing)
     guard, callbacks = run_callbacks(ctx)
     if cfg.training.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(cfg.training.early_stopping_patience,
                                                cfg.training.early_stopping_threshold))
     trainer = GuardedTrainer(model=parts.model, args=args, train_dataset=data.train, eval_dataset=data.eval,
-                             data_collator=build_collator(parts.tokenizer, cfg.training.packing),
+                             data_collator=build_collator(parts.tokenizer, batching.packing),
                              processing_class=parts.tokenizer, callbacks=callbacks)
     trainer.loss_guard = guard.check_loss
+    trainer.fast_loss, trainer.max_pass_tokens = batching.fast_loss, batching.max_pass_tokens
+    trainer.batching = batching
     return trainer
 
 
@@ -216,6 +261,8 @@ def sft(cfg: RunConfig, run: RunFolder, writer: RunWriter | None, rows: RunRows,
                      rank=int(os.environ.get("RANK", "0")), stop_signal=stop_signal)
     trainer = build_trainer(cfg, parts, data, ctx, setting)
     checkpoint = begin(ctx, parts, data, resume=resume, process_started=process_started)
+    if ctx.is_main:
+        writer.event("batching", **trainer.batching.to_event())
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     return finish(cfg, ctx, trainer, parts, data, started=started)
 

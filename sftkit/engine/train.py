@@ -78,7 +78,7 @@ def _checkpointing_args(cls, on: bool) -> dict:
 
 
 def build_training_arguments(cfg: RunConfig, output_dir: str | Path, *, device: str, compute_dtype: str,
-                             has_eval: bool):
+                             has_eval: bool, packed: bool = False):
     from transformers import TrainingArguments
 
     t = cfg.training
@@ -119,7 +119,7 @@ def build_training_arguments(cfg: RunConfig, output_dir: str | Path, *, device: 
         optim="adamw_torch",
         report_to="none",
         disable_tqdm=True,
-        include_num_input_tokens_seen="all" if t.packing else "non_padding",  # packed batches have no padding
+        include_num_input_tokens_seen="all" if packed else "non_padding",  # packed batches have no padding
         remove_unused_columns=False,
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,
@@ -128,14 +128,39 @@ def build_training_arguments(cfg: RunConfig, output_dir: str | Path, *, device: 
 
 class GuardedTrainer(Trainer):
     """``transformers.Trainer`` that hands every micro-step's loss to a guard, so a non-finite loss
-    is seen at the step it happens, not at the next logging step."""
+    is seen at the step it happens, not at the next logging step.
+
+    fast_loss: the head and the loss only at trained positions (``fast.trained_positions_loss``, equal
+    to the model's own loss). max_pass_tokens: with the fast loss, a batch runs as passes of at most
+    this many tokens (``fast.split_batch``): the same gradient, the activations of one pass."""
 
     loss_guard = None
+    fast_loss = False
+    max_pass_tokens: int | None = None
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        loss = super().training_step(model, inputs, num_items_in_batch)
+        from .fast import split_batch
+
+        passes = split_batch(inputs, self.max_pass_tokens) if self.fast_loss else [inputs]
+        if len(passes) == 1:
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        else:
+            if num_items_in_batch is None:  # each pass's loss is a share of the whole batch's mean
+                num_items_in_batch = int((inputs["labels"][:, 1:] != -100).sum())
+            loss = sum(super(GuardedTrainer, self).training_step(model, part, num_items_in_batch) for part in passes)
         if self.loss_guard is not None:
             self.loss_guard(loss)
+        return loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not self.fast_loss or return_outputs or "labels" not in inputs:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        from .fast import trained_positions_loss
+
+        loss = trained_positions_loss(model, inputs, num_items_in_batch)
+        if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # as the Trainer scales the model's own loss
         return loss
 
 
@@ -189,6 +214,9 @@ def save_output(trainer, tokenizer, run: RunFolder, plan) -> Path:
     tmp = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model = trainer.model
+    from .fast import restore_attention
+
+    restore_attention(model)  # a saved config names sdpa, which loads anywhere
     model.save_pretrained(str(tmp), safe_serialization=True)
     tokenizer.save_pretrained(str(tmp))
     fault_point("adapter_tmp")

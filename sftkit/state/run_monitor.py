@@ -105,6 +105,16 @@ class Change:
     rewound: bool = False
 
 
+def batching_line(event: dict) -> str:
+    """The run's ``batching`` event in words: packing chosen or not and why, the loss path, the passes."""
+    line = str(event.get("message", ""))
+    if event.get("loss"):
+        line += f"; loss: {event['loss']}"
+    if event.get("max_pass_tokens"):
+        line += f"; passes of at most {event['max_pass_tokens']} tokens"
+    return line
+
+
 class RunMonitor:
     """Follows one run (a RunHandle) for a view."""
 
@@ -114,6 +124,7 @@ class RunMonitor:
         self.metrics: list[dict] = []
         self.samples: list[dict] = []
         self.state, self.message = "idle", ""
+        self.batching = ""  # how the run batches and computes its loss, from its events
         self.step, self.total = 0, 0
         self.errors = 0
         self.last_error: Exception | None = None
@@ -124,7 +135,7 @@ class RunMonitor:
         with self._lock:
             self.handle = handle
             self.metrics, self.samples = [], []
-            self.state, self.message = "pending", ""
+            self.state, self.message, self.batching = "pending", "", ""
 
     @property
     def active(self) -> bool:
@@ -140,6 +151,9 @@ class RunMonitor:
                 self.metrics, self.samples = [], []
             self.metrics += update.metrics
             self.samples += update.samples
+            for event in update.events:
+                if event.get("event") == "batching":
+                    self.batching = batching_line(event)
             self.state, self.message = update.state, update.message
             self.step, self.total = update.status.step, update.status.max_steps or 0
             return Change(update.state, update.message, data=not update.empty, rewound=update.rewound)

@@ -24,7 +24,8 @@ from .run_view import RunView
 # the knobs shown (dotted config fields, in order); the rest is in the YAML below them
 KNOBS = ("name", "training.max_steps", "training.epochs", "training.batch_size", "training.grad_accum",
          "training.learning_rate", "training.lr_schedule", "training.eval_every", "training.sample_every",
-         "training.checkpoint_every", "model.quantization", "training.packing", "training.group_by_length",
+         "training.checkpoint_every", "model.quantization", "training.packing", "training.max_pass_tokens",
+         "training.group_by_length",
          "training.gradient_checkpointing")
 ATTRIBUTE = {"training.gradient_checkpointing": "grad_ckpt"}  # widget attribute names kept from earlier versions
 

@@ -38,6 +38,7 @@ class RunView:
         self.redraws = 0
         self._failing = False  # the last look failed: its message is up until a look succeeds
         self._folder_line = ""
+        self._batching_shown = ""
         self.message, self.state_label = W.HTML(), W.HTML()
         self.progress = W.IntProgress(value=0, min=0, max=1, layout=W.Layout(width="320px"))
         self.progress_label = W.Label("")
@@ -61,6 +62,7 @@ class RunView:
         notes = "".join(f"<br><span style='color:#92400e'>&#9888; {html.escape(line)}</span>"
                         for report in handle.reports for line in report.lines())
         self._folder_line = f"run folder: <code>{html.escape(str(handle.run.path))}</code>{notes}"
+        self._batching_shown = ""
         self.message.value = self._folder_line
         try:
             active = self.refresh(force=True) in ACTIVE_STATES
@@ -86,6 +88,11 @@ class RunView:
             return "idle"
         with self._refresh_lock:
             change = self.monitor.refresh()
+            if self.monitor.batching and self.monitor.batching != self._batching_shown:
+                self._batching_shown = self.monitor.batching
+                self._folder_line += f"<br><span style='color:#374151'>{html.escape(self.monitor.batching)}</span>"
+                if not self._failing:
+                    self.message.value = self._folder_line
             if self._failing:  # reading works again: the error message goes
                 self._failing = False
                 self.message.value = self._folder_line
