@@ -183,23 +183,26 @@ ACTIVATION_TOLERANCE = 0.20  # stated in the README; measured 0.94-1.13 across p
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset,top_n,gc,attn", [
-    ("lora_attention", None, False, "sdpa"),
-    ("lora_all_linear", None, False, "eager"),
-    ("freeze_tuning", 4, False, "sdpa"),
-    ("bitfit", None, False, "sdpa"),
-    ("lora_attention", None, True, "sdpa"),
+@pytest.mark.parametrize("preset,top_n,gc,attn,trained", [
+    ("lora_attention", None, False, "sdpa", None),
+    ("lora_all_linear", None, False, "eager", None),
+    ("freeze_tuning", 4, False, "sdpa", None),
+    ("bitfit", None, False, "sdpa", None),
+    ("lora_attention", None, True, "sdpa", None),
+    ("lora_all_linear", None, False, "sdpa", 12),  # sftkit's runs: the head at the 12 trained tokens only
 ])
-def test_memory_estimate_matches_measurement_on_the_default_model(default_model_folder, preset, top_n, gc, attn):
+def test_memory_estimate_matches_measurement_on_the_default_model(default_model_folder, preset, top_n, gc, attn,
+                                                                   trained):
     model = sftkit.load_model("default", attn_implementation=attn).model
     a = inspect_model(model)
     plan = FreezePlan.preset(preset, a, top_n=top_n)
-    est = plan.memory_estimate(a, batch_size=2, seq_len=80, gradient_checkpointing=gc, attention=attn)
-    trained = plan.apply(model, a)
+    est = plan.memory_estimate(a, batch_size=2, seq_len=80, gradient_checkpointing=gc, attention=attn,
+                               trained_per_row=trained)
+    tuned = plan.apply(model, a)
     if gc:
-        trained.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        trained.enable_input_require_grads()
-    m = measure_training_step(trained, 2, 80)
+        tuned.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        tuned.enable_input_require_grads()
+    m = measure_training_step(tuned, 2, 80, trained_per_row=trained)
     assert est.weights == pytest.approx(m.weights, rel=0.01)
     assert est.gradients == pytest.approx(m.gradients, rel=0.01)
     assert est.optimizer == pytest.approx(m.optimizer, rel=0.01)
@@ -228,3 +231,20 @@ def test_every_preset_on_the_default_model(default_model_folder, preset, top_n):
         assert blocks == set(range(30))  # every block's norms
     else:
         assert blocks == (set(range(30 - top_n, 30)) if top_n else set(range(30)))
+
+
+def test_passes_bound_the_activation_estimate_and_trained_positions_shrink_the_logits():
+    from sftkit.core.memory import estimate_memory
+
+    sizes = {"total_params": 1000, "linear_params": 800, "n_blocks": 4, "hidden": 64, "intermediate": 128,
+             "vocab": 1000, "heads": 4}
+    whole = estimate_memory(sizes, trainable=10, batch_size=8, seq_len=100)
+    passes = estimate_memory(sizes, trainable=10, batch_size=8, seq_len=100, pass_tokens=200)
+    per_row = (4 * (9 * 64 + 4 * 128) + 64) * 4 + 1000 * 4  # a row's block values (fp32) + its logits, per token
+    assert whole.activations == 8 * 100 * per_row
+    assert passes.activations == 2 * 100 * per_row  # two whole rows per pass of 200 tokens
+    assert any("passes of 2 row(s)" in n for n in passes.notes)
+    long_rows = estimate_memory(sizes, trainable=10, batch_size=8, seq_len=500, pass_tokens=200)
+    assert long_rows.activations == 1 * 500 * per_row  # a row longer than a pass is a pass of its own
+    head_only = estimate_memory(sizes, trainable=10, batch_size=8, seq_len=100, trained_per_row=10)
+    assert whole.activations - head_only.activations == 8 * 90 * 1000 * 4  # logits for 10 tokens a row, not 100

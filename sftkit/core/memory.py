@@ -7,7 +7,9 @@ saved-tensor hooks (fp32, batch 2-4, 64-128 tokens; benchmarks/RESULTS.md):
 per token and trained-through block about 9*hidden + 4*intermediate values (9*hidden +
 2*intermediate when only norms and biases train), plus the
 input of every LoRA-adapted projection, plus heads*seq_len with eager attention; the
-logits add one vocab-sized row per token. Backward stops at the lowest trained block, so
+logits add one vocab-sized row per token (per TRAINED token when the head runs at trained positions
+only, as sftkit's runs do). A batch run as passes of at most N tokens keeps one pass's
+activations at a time. Backward stops at the lowest trained block, so
 only the blocks from there up keep activations. With gradient checkpointing each block
 keeps only its input, and one block's activations are rebuilt at a time during backward.
 """
@@ -52,7 +54,8 @@ def estimate_memory(sizes: dict, *, trainable: int, batch_size: int, seq_len: in
                     compute: str | None = None, gradient_checkpointing: bool = False, attention: str = "sdpa",
                     lora_input_features: int = 0, lowest_trained_block: int = 0,
                     trainable_dtype: str | None = None, adapters: bool = False,
-                    projections_trained: bool = True) -> MemoryEstimate:
+                    projections_trained: bool = True, trained_per_row: int | None = None,
+                    pass_tokens: int | None = None) -> MemoryEstimate:
     """Estimate training memory in bytes.
 
     sizes: total_params, linear_params (the block projections, the part 4/8-bit applies to),
@@ -67,6 +70,10 @@ def estimate_memory(sizes: dict, *, trainable: int, batch_size: int, seq_len: in
         peft's trained module copies) rather than the weights themselves.
     projections_trained: False when no projection weight trains (BitFit: norms and biases);
         then the projections' inputs are not kept and a block keeps about 9*h + 2*i values.
+    trained_per_row: tokens of each row that train (the answer); the head's logits are kept for
+        those only (sftkit's runs). None: logits for every token (the model's own loss).
+    pass_tokens: the batch runs as passes of at most this many tokens (``training.max_pass_tokens``):
+        activations are one pass's.
     """
     if weights not in WEIGHT_FORMATS:
         raise ValueError(f"weights={weights!r}; allowed: {', '.join(WEIGHT_FORMATS)}")
@@ -89,11 +96,17 @@ def estimate_memory(sizes: dict, *, trainable: int, batch_size: int, seq_len: in
 
     L, h, i, V = sizes["n_blocks"], sizes["hidden"], sizes["intermediate"], sizes["vocab"]
     tokens = batch_size * seq_len
+    if pass_tokens:
+        rows_per_pass = max(1, min(batch_size, pass_tokens // seq_len))  # whole rows; a longer row alone
+        tokens = rows_per_pass * seq_len
+    else:
+        rows_per_pass = batch_size
     per_block = 9 * h + (4 if projections_trained else 2) * i + lora_input_features
     if attention == "eager":
         per_block += sizes["heads"] * seq_len
     active = max(0, min(L, L - lowest_trained_block))
-    logits = tokens * V * 4  # the loss works on fp32 logits
+    logit_rows = tokens if trained_per_row is None else rows_per_pass * min(trained_per_row, seq_len)
+    logits = logit_rows * V * 4  # the loss works on fp32 logits
     notes = []
     if gradient_checkpointing:
         acts = tokens * (active + 1) * h * act_bytes + logits
@@ -104,4 +117,6 @@ def estimate_memory(sizes: dict, *, trainable: int, batch_size: int, seq_len: in
         recompute = 0
     if weights == "4bit":
         notes.append("4-bit NF4 with double quantization for the block projections")
+    if pass_tokens and rows_per_pass < batch_size:
+        notes.append(f"the batch runs as passes of {rows_per_pass} row(s): activations are one pass's")
     return MemoryEstimate(int(w + extra_weights), int(grads), int(optim), int(acts), int(recompute), tuple(notes))

@@ -387,7 +387,8 @@ class FreezePlan:
 
     def memory_estimate(self, anatomy: Anatomy, *, batch_size: int = 8, seq_len: int = 256,
                         weights: str = "float32", gradient_checkpointing: bool = False,
-                        attention: str = "sdpa") -> MemoryEstimate:
+                        attention: str = "sdpa", trained_per_row: int | None = None,
+                        pass_tokens: int | None = None) -> MemoryEstimate:
         """Bytes for weights, gradients, AdamW states and activations (see core.memory).
 
         What each method keeps for backward, measured on SmolLM2-135M with saved-tensor hooks
@@ -403,7 +404,8 @@ class FreezePlan:
         lowest = self.lowest_trained_block(anatomy)
         active = max(1, anatomy.n_blocks - lowest)
         common = dict(trainable=r.trainable, batch_size=batch_size, weights=weights,
-                      gradient_checkpointing=gradient_checkpointing, attention=attention, lowest_trained_block=lowest)
+                      gradient_checkpointing=gradient_checkpointing, attention=attention, lowest_trained_block=lowest,
+                      trained_per_row=trained_per_row, pass_tokens=pass_tokens)
         if self.prompt_method:
             longer = self.family in ("prompt_tuning", "p_tuning")
             return estimate_memory(anatomy.numbers(), seq_len=seq_len + (self.virtual_tokens if longer else 0),

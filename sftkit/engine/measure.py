@@ -14,11 +14,13 @@ class MeasuredMemory:
 
 
 def measure_training_step(model, batch_size: int, seq_len: int, *, vocab_limit: int | None = None,
-                          seed: int = 0) -> MeasuredMemory:
+                          seed: int = 0, trained_per_row: int | None = None) -> MeasuredMemory:
     """Run forward, backward and one AdamW step on random token ids and count tensor bytes.
 
     Activations are what autograd keeps for backward (saved-tensor hooks), each storage
     counted once and parameters left out: the quantity an activation estimate predicts.
+    trained_per_row: only the last this-many tokens of each row train, and the loss is sftkit's
+    (the head at trained positions only); None: every token trains, the model's own loss.
     """
     import torch
 
@@ -36,7 +38,14 @@ def measure_training_step(model, batch_size: int, seq_len: int, *, vocab_limit: 
     ids = ids.to(next(model.parameters()).device)
     model.train()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        if trained_per_row is None:
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        else:
+            from .fast import trained_positions_loss
+
+            labels = ids.clone()
+            labels[:, : max(seq_len - trained_per_row, 0)] = -100
+            loss = trained_positions_loss(model, {"input_ids": ids, "labels": labels, "use_cache": False})
     loss.backward()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     opt.step()
