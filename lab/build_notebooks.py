@@ -464,6 +464,84 @@ NOTEBOOKS["06_feedback.ipynb"] = [
 
 
 
+NOTEBOOKS["07_peft_methods.ipynb"] = [
+    md("# 7. Every PEFT family side by side\n\n"
+       "Parameter-efficient fine-tuning freezes the pretrained weights and trains a small part. The course's four "
+       "families: **adapters** (here IA3's scaling vectors and LLaMA-Adapter's gated prompts, peft's adapter-style "
+       "methods), **prompt tuning** (a soft prompt in front of every input; prefix tuning puts it in front of every "
+       "block's attention), **LoRA** (a low-rank update beside each weight; DoRA learns its magnitude too) and "
+       "**BitFit** (only the biases and norms). This notebook trains each on the same task with the same rows, "
+       "steps and seed, and reads the table: what each trains, what it costs, how well it does. About 15 "
+       "minutes on a laptop CPU (a couple with `SFTKIT_NOTEBOOK_STEPS=3`)."),
+    md("## What each method trains\n\n"
+       "Every method is a run-config preset (`adapter.preset`) with its own knobs (`virtual_tokens`, `use_dora`, "
+       "`rslora`, `prompt_init`, ...). The counts are exact: a run refuses to start if the parameters with "
+       "`requires_grad` differ from them. The memory estimate is per method (a soft prompt makes every row longer; "
+       "DoRA keeps more for backward)."),
+    code("import os\n"
+         "import sftkit\n"
+         "from sftkit.ui import ShootoutView\n\n"
+         'model, tokenizer = sftkit.load_model("default")\n'
+         "anatomy = sftkit.inspect_model(model)\n"
+         'print(f"{\'method\':<16}{\'preset\':<17}{\'trainable\':>12}{\'of the model\':>14}{\'estimated peak\':>16}")\n'
+         "for method in sftkit.PEFT_METHODS.values():\n"
+         "    config = sftkit.RunConfig.from_dict({\"adapter\": method.adapter})\n"
+         "    plan = sftkit.FreezePlan.from_adapter(config.adapter, anatomy)\n"
+         "    n = plan.trainable_params(anatomy)\n"
+         "    peak = plan.memory_estimate(anatomy, batch_size=8, seq_len=64).total\n"
+         '    print(f"{method.name:<16}{method.adapter[\'preset\']:<17}{n:>12,}{100 * n / anatomy.total_params:>13.3f}%"\n'
+         '          f"{peak / 2**20:>12,.0f} MiB")'),
+    md("A soft prompt of 20 virtual tokens is 20 x 576 = 11,520 numbers: under 0.01% of the model. LoRA on the "
+       "attention projections is about 1.4%; BitFit trains the norms and biases (this model has no biases)."),
+    md("## The shoot-out\n\n"
+       "`compare_methods` (and this view over it) trains each method as an ordinary run, one after the other, in "
+       "`runs/` (so **RunHistory** lists them, each with its curves, adapter and config), with the same step budget "
+       "and seed. Each family gets its usual learning rate (a soft prompt needs a far larger step than LoRA). Then "
+       "one comparison scores every run on the same held-out items: the task score with a 95% interval, the paired "
+       "test against the best method, and forgetting (how far each moved from the base model on general text). "
+       "**Stop** ends the run in progress and starts no other."),
+    code('steps = int(os.environ.get("SFTKIT_NOTEBOOK_STEPS", 60))\n'
+         'items = int(os.environ.get("SFTKIT_NOTEBOOK_ITEMS", 40))\n'
+         "budget = sftkit.Budget(steps=steps, batch_size=8, rows=400, eval_items=items, seed=0)\n"
+         'view = ShootoutView(task="dates", budget=budget, store="runs")\n'
+         "view.start()\n"
+         "view"),
+    md("The curves fill in as each method trains. The next cell waits for the table, so *Run All* works."),
+    code("view.session.wait()\n"
+         "result = view.session.result\n"
+         "print(result.text())\n"
+         'print("best:", result.best, "| zero-shot base model:", result.zero_shot)'),
+    md("## Reading the table\n\n"
+       "- **When a few thousand parameters are enough.** A soft prompt only steers a model that can already do "
+       "the task: it adds context, it cannot add a skill. When the base model gets part of the items right "
+       "(zero-shot above), prompt tuning can close much of the gap for almost nothing: no weights change, one "
+       "base model serves every task, nothing to forget (its KL is the change the prompt makes, not damage).\n"
+       "- **When they are not.** When the task needs a new mapping (a date format the model never writes, "
+       "labels it never uses), the methods that change the computation inside every block (LoRA, DoRA, IA3) "
+       "learn it in the same steps where a soft prompt stalls: compare the eval losses and the scores' "
+       "intervals. Prompt methods also learn slowly per step, so a small step budget favours LoRA.\n"
+       "- **Read the intervals, not the ranking.** *vs the best* is a paired test on the same items; "
+       "*no detectable difference* with a wide interval means: more items, or more steps.\n"
+       "- **Cost.** Peak memory is the run process's (the model itself dominates at this size); tokens/s shows "
+       "the extra work: a soft prompt makes every row longer, DoRA recomputes its weight norm each step."),
+    md("## Export: merge what can merge\n\n"
+       "LoRA, DoRA and IA3 change weights, so they merge into a plain model. A soft prompt or a prefix is not a "
+       "change of weights: merging it is refused with the reason, and the adapter is exported as it is (plain "
+       "`peft.PeftModel.from_pretrained` loads it)."),
+    code("runs = {row[\"method\"]: sftkit.RunStore(\"runs\").get(row[\"run\"]) for row in result.methods}\n"
+         "try:\n"
+         '    sftkit.merge_and_save(runs["prompt tuning"], "exports/prompt-merged")\n'
+         "except sftkit.SftkitError as exc:\n"
+         '    print("refused:", exc)\n'
+         'print("exported:", sftkit.export_adapter(runs["prompt tuning"], "exports/prompt-adapter"))\n'
+         'print("merged:", sftkit.merge_and_save(runs["IA3"], "exports/ia3-merged"))'),
+    md("## After a restart\n\n"
+       "The table is saved in the run store beside the runs: this shows the latest shoot-out again, and "
+       "`snapshot()` leaves it in the saved notebook as static output."),
+    code('ShootoutView.reopen("runs").snapshot()'),
+]
+
+
 OUT_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 
 

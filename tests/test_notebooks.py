@@ -152,3 +152,23 @@ def test_feedback_notebook_labels_rates_trains_dpo_and_compares(workdir, monkeyp
     assert (workdir / "exports" / "dates-pairs.parquet").is_file()
     dpo = [p for p in (workdir / "runs").iterdir() if p.name.endswith("-dates-dpo")]
     assert len(dpo) == 1 and (dpo[0] / "adapter" / "adapter_config.json").is_file()
+
+
+@pytest.mark.slow
+def test_peft_methods_notebook_runs_the_shootout_and_reads_the_table(workdir, monkeypatch):
+    monkeypatch.setenv("SFTKIT_NOTEBOOK_STEPS", "3")
+    monkeypatch.setenv("SFTKIT_NOTEBOOK_ITEMS", "8")
+    nb = run_notebook("07_peft_methods.ipynb", workdir)
+    assert shows_a_widget(nb), "the ShootoutView did not display"
+    text = outputs_text(nb)
+    for name in ("LoRA", "DoRA", "IA3", "prompt tuning", "prefix tuning", "LLaMA-Adapter", "BitFit"):
+        assert name in text, name
+    assert "11,520" in text and "0.009%" in text  # a 20-token soft prompt on the default model
+    assert "score [95% CI]" in text and "best:" in text
+    assert "refused: run" in text and "nothing to merge" in text and "exported:" in text and "merged:" in text
+    assert "sftkit-shootout-table" in text  # the reopened view's table
+    runs = [p for p in (workdir / "runs").iterdir() if (p / "config.yaml").is_file()]
+    assert len(runs) == 7 and all((p / "status.json").is_file() for p in runs)
+    assert len(list((workdir / "runs" / "shootouts").glob("*.json"))) == 1
+    assert (workdir / "exports" / "prompt-adapter" / "adapter_config.json").is_file()
+    assert list((workdir / "exports" / "ia3-merged").glob("*.safetensors"))

@@ -95,6 +95,13 @@ class ShootoutView:
 
         display(self.widget)
 
+    def snapshot(self) -> None:
+        """Leave the table and the curves as static outputs (they stay in the saved notebook)."""
+        from IPython.display import HTML, display
+
+        display(HTML(table_html(self.session.result)))
+        display(go.Figure(curves_figure(self.session.curves())))
+
     def _guard(self, action, *args):
         try:
             return action(*args)
