@@ -224,3 +224,68 @@ def test_shootout_table_escapes_what_it_shows():
            "vs_best": "<b>x</b>", "kl": 0.0}
     out = table_html(Shootout(task="<t>", budget={"steps": 1}, methods=[row], best=row["method"]))
     assert "<img" not in out and "&lt;img" in out and "<b>x</b>" not in out and "50.0% [20.0, 80.0]" in out
+
+
+# ---- the picker shows what each method trains --------------------------------------------------------------
+def test_picker_shows_each_method_its_counts_and_virtual_tokens(tiny_llama_dir):
+    from sftkit.ui import LayerPicker
+
+    model = sftkit.load_model(str(tiny_llama_dir)).model
+    picker = LayerPicker(model, device_bytes=2**34)
+    ed = picker.editor
+    picker.preset.value = "ia3"
+    picker.apply_preset_button.click()
+    assert ed.plan.kind == "ia3" and ed.error is None
+    states = {c: ed.cell_state(0, c) for c in ed.columns}
+    assert states["self_attn.k_proj"] == states["self_attn.v_proj"] == states["mlp.down_proj"] == "ia3"
+    assert states["self_attn.q_proj"] == "off" and picker.cells[(0, "self_attn.k_proj")].description.startswith("I ")
+    picker.cells[(1, "self_attn.q_proj")].click()  # a click adds IA3 to q_proj of block 1
+    assert ed.cell_state(1, "self_attn.q_proj") == "ia3" and ed.trainable == trainable(ed.plan.apply(
+        sftkit.load_model(str(tiny_llama_dir)).model, ed.anatomy))
+    assert "IA3" in picker.counters.value and "of the model" in picker.counters.value
+
+    picker.preset.value = "prompt_tuning"
+    picker.apply_preset_button.click()
+    picker.virtual_tokens.value = 7
+    assert ed.plan.kind == "prompt_tuning" and ed.trainable == 7 * ed.anatomy.hidden_size
+    assert picker.tokens.value.count("sftkit-virtual-token") == 7 and "in front of every prompt" in picker.tokens.value
+    assert all(ed.cell_state(b, c) == "off" for b in range(2) for c in ed.columns)
+    picker.cells[(0, "self_attn.q_proj")].click()  # cells are not a prompt method's: refused, said, unchanged
+    assert "virtual tokens, not modules" in picker.messages.value and ed.plan.kind == "prompt_tuning"
+    assert f"{100 * 7 * 64 / ed.total_params:.3f}%" in picker.counters.value
+
+    picker.preset.value = "adaption_prompt"
+    picker.top_n.value = 1
+    picker.apply_preset_button.click()
+    assert ed.cell_state(1, "self_attn.q_proj") == "prompt" and ed.cell_state(0, "self_attn.q_proj") == "off"
+    assert "blocks 1 to 1" in picker.tokens.value
+
+    picker.preset.value = "lora_attention"
+    picker.apply_preset_button.click()
+    picker.use_dora.value = True
+    assert ed.plan.use_dora and "DoRA" in picker.counters.value and picker.tokens.value == ""
+    picker.preset.value = "ia3"
+    picker.apply_preset_button.click()  # DoRA is LoRA's: the IA3 plan drops it
+    assert ed.plan.kind == "ia3" and not ed.plan.use_dora and picker.use_dora.value is False
+    assert ed.adapter_config().preset == "ia3"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset,extra", [("ia3", {}), ("lora_attention", {"use_dora": True}),
+                                          ("prompt_tuning", {}), ("prefix_tuning", {}), ("p_tuning", {}),
+                                          ("adaption_prompt", {"top_n": 10})])
+def test_memory_estimate_of_each_method_matches_measurement_on_the_default_model(default_model_folder, preset, extra):
+    from test_freeze_plan import ACTIVATION_TOLERANCE
+
+    model = sftkit.load_model("default").model
+    a = inspect_model(model)
+    extra = dict(extra)
+    plan = FreezePlan.preset(preset, a, top_n=extra.pop("top_n", None), **extra)
+    est = plan.memory_estimate(a, batch_size=2, seq_len=80)
+    trained = plan.apply(model, a)
+    assert plan.trainable_params(a) == trainable(trained)
+    m = measure_training_step(trained, 2, 80)
+    assert est.weights == pytest.approx(m.weights, rel=0.01)
+    assert est.gradients == pytest.approx(m.gradients, rel=0.01)
+    assert est.optimizer == pytest.approx(m.optimizer, rel=0.01)
+    assert est.activations == pytest.approx(m.activations, rel=ACTIVATION_TOLERANCE)

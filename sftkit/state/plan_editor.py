@@ -187,11 +187,14 @@ class PlanEditor(Observable):
         return sum(a.params[p].numel for p in a.params_of_module(a.module_name(block, column)))
 
     def cell_state(self, block: int, column: str) -> str:
-        """"lora", "full" or "off" for one module of one block."""
+        """"lora", "ia3", "full", "prompt" (LLaMA-Adapter's adapted attention) or "off" for one module of one block."""
         a = self.anatomy
         module = a.module_name(block, column)
         if module in self._plan.lora_modules:
-            return "lora"
+            return "ia3" if self._plan.family == "ia3" else "lora"
+        if self._plan.family == "adaption_prompt" and a.column_kind(column) == "attention" \
+                and block in self._plan.blocks(a):
+            return "prompt"
         names = [n for n in a.params_of_module(module) if not a.params[n].is_bias] or a.params_of_module(module)
         if names and all(n in self._plan.train_params for n in names):
             return "full"
@@ -201,17 +204,38 @@ class PlanEditor(Observable):
         """What a click on a cell does: set it to ``mode`` (default the click mode; norms are
         always "full"), or back to frozen when it is in that state already."""
         a = self.anatomy
+        if self._plan.prompt_method:
+            self._refuse(PlanError(f"{self._plan.kind_label} trains virtual tokens, not modules: apply a module "
+                                   "preset (LoRA, IA3, BitFit, freeze tuning) to edit cells"))
+            return
         module = a.module_name(block, column)
         want = (mode or self.click_sets) if (block, column) in a.linear else "full"
         lora = set(self._plan.lora_modules) - {module}
         params = set(self._plan.train_params) - set(a.params_of_module(module))
-        if self.cell_state(block, column) != want:
+        if self.cell_state(block, column).replace("ia3", "lora") != want:  # a click on an IA3 plan adds IA3
             if want == "lora":
                 lora.add(module)
             else:
                 params |= set(a.params_of_module(module))
         self.set_plan(self._plan.with_settings(lora_modules=frozenset(lora), train_params=frozenset(params),
                                                label="custom"))
+
+    # ---- prompt methods ------------------------------------------------------------------------
+    def virtual_tokens_text(self) -> str | None:
+        """Where a prompt method's virtual tokens go, in words (None for module methods)."""
+        plan, a = self._plan, self.anatomy
+        if not plan.prompt_method:
+            return None
+        v = plan.virtual_tokens
+        if plan.family in ("prompt_tuning", "p_tuning"):
+            start = f"started from the text {plan.prompt_init!r}" if plan.prompt_init else "started at random"
+            made = " made by a small trained MLP" if plan.family == "p_tuning" else ""
+            return f"{v} virtual tokens{made} in front of every prompt ({start}); every row is {v} tokens longer"
+        if plan.family == "prefix_tuning":
+            return f"{v} trained keys and values in front of the attention of each of the {a.n_blocks} blocks"
+        blocks = plan.blocks(a)
+        return (f"{v} trained prompt vectors with a zero-started gate in the attention of blocks "
+                f"{blocks[0]} to {blocks[-1]}")
 
     # ---- derived ---------------------------------------------------------------------------
     def _recount(self) -> None:

@@ -11,11 +11,13 @@ import html
 import ipywidgets as W
 
 from ..core.plan import PRESETS
+from ..core.runconfig import knob_spec
 from ..engine.freeze import FreezePlan
 from ..state.plan_editor import GROUPS, PLAN, PlanEditor
 from .render import error_html
 
-COLOURS = {"off": "#e5e7eb", "lora": "#86efac", "full": "#fdba74"}
+COLOURS = {"off": "#e5e7eb", "lora": "#86efac", "full": "#fdba74", "ia3": "#93c5fd", "prompt": "#c4b5fd"}
+MARKS = {"lora": "L ", "full": "F ", "ia3": "I ", "prompt": "P ", "off": ""}
 HELP = """
 <details><summary><b>What do these choices mean?</b></summary>
 <ul style="margin:4px 0">
@@ -30,8 +32,29 @@ most of the model's knowledge. LoRA on attention only is the classic choice; all
 <li><b>Top N blocks</b>: train only the last blocks. Backward then stops there, which saves activation
 memory and time. <b>Freeze tuning</b> trains those blocks fully. <b>BitFit</b> trains only norms and biases.</li>
 <li><b>Embeddings / head</b>: train the token vectors / the output layer; needed for new tokens, large.</li>
+<li><b>IA3</b> (blue): learned vectors scale a module's outputs (the keys, values and the MLP's down-projection
+inputs): the smallest adapter, and it merges into the weights. <b>DoRA</b> splits each LoRA-adapted weight into
+a direction and a learned magnitude; <b>rsLoRA</b> scales the update by alpha/sqrt(r), which keeps high ranks stable.</li>
+<li><b>Prompt tuning</b>: no module changes; a few trained <i>virtual tokens</i> go in front of every prompt (a
+soft prompt). <b>Prefix tuning</b> puts trained keys/values in front of every block's attention; <b>p-tuning</b>
+makes the soft prompt with a small MLP; <b>LLaMA-Adapter</b> (violet) adds gated prompt vectors to the attention
+of the top blocks. They train thousands of numbers instead of millions, and can't be merged into the weights.</li>
 </ul></details>
 """
+
+
+def _percent(p: float) -> str:
+    """0.0086 -> '0.009%', 1.37 -> '1.37%': small shares keep a significant digit."""
+    return f"{p:.3f}%" if p < 1 else f"{p:.2f}%"
+
+
+def _tokens_html(n: int, words: str) -> str:
+    """The virtual tokens as boxes in front of the prompt (the first 24 drawn), and where they go."""
+    boxes = "".join(f'<span class="sftkit-virtual-token" style="background:{COLOURS["prompt"]};padding:0 3px;'
+                    f'margin-right:1px;font-size:11px">v{i + 1}</span>' for i in range(min(n, 24)))
+    more = f" &hellip; +{n - 24}" if n > 24 else ""
+    return (f'<div>{boxes}{more} <span style="background:#f3f4f6;padding:0 4px">your prompt &hellip;</span>'
+            f'<div style="font-size:12px;color:#4b5563">{html.escape(words)}</div></div>')
 
 
 def _short(n: int) -> str:
@@ -61,6 +84,13 @@ class LayerPicker:
         self.rank = W.BoundedIntText(min=1, max=1024, description="Rank r", **small)
         self.alpha = W.BoundedFloatText(min=0.001, max=4096, description="Alpha", **small)
         self.dropout = W.BoundedFloatText(min=0, max=0.99, step=0.01, description="Dropout", **small)
+        vt = knob_spec("adapter.virtual_tokens")  # the range from the config's one declaration
+        self.virtual_tokens = W.BoundedIntText(min=vt.min, max=vt.max, description="Virtual tokens",
+                                               style={"description_width": "initial"}, layout=W.Layout(width="170px"),
+                                               tooltip=vt.help)
+        self.use_dora = W.Checkbox(description="DoRA", indent=False, layout=W.Layout(width="70px"))
+        self.rslora = W.Checkbox(description="rsLoRA", indent=False, layout=W.Layout(width="80px"))
+        self.tokens = W.HTML()
         self.embeddings = W.ToggleButton(description="Embeddings", tooltip="train the input token vectors")
         self.head = W.ToggleButton(description="Head" + (" (tied)" if a.tied else ""), tooltip="train the output layer"
                                    + (" (the same matrix as the embeddings)" if a.tied else ""))
@@ -79,6 +109,8 @@ class LayerPicker:
             "preset": lambda v: ed.select(preset=v), "top_n": lambda v: ed.select(top_n=v),
             "click_sets": lambda v: ed.select(click_sets=v), "rank": lambda v: ed.set_settings(rank=int(v)),
             "alpha": lambda v: ed.set_settings(alpha=float(v)), "dropout": lambda v: ed.set_settings(dropout=float(v)),
+            "virtual_tokens": lambda v: ed.set_settings(virtual_tokens=int(v)),
+            "use_dora": lambda v: ed.set_settings(use_dora=bool(v)), "rslora": lambda v: ed.set_settings(rslora=bool(v)),
             "batch_size": lambda v: ed.set_budget(batch_size=v), "seq_len": lambda v: ed.set_budget(seq_len=v),
             "checkpointing": lambda v: ed.set_budget(gradient_checkpointing=v),
             **{g: (lambda v, g=g: ed.set_group(g, v)) for g in GROUPS}}
@@ -91,11 +123,14 @@ class LayerPicker:
         self.widget = W.VBox([
             W.HTML(f"<b>Layer picker</b>: {html.escape(a.describe())}"),
             W.HBox([self.preset, self.top_n, self.apply_preset_button]),
-            W.HBox([self.click_sets, self.rank, self.alpha, self.dropout]),
+            W.HBox([self.click_sets, self.rank, self.alpha, self.dropout, self.use_dora, self.rslora]),
+            W.HBox([self.virtual_tokens, self.tokens]),
             W.HBox([self.embeddings, self.head, self.biases]),
             W.HTML(" ".join(f'<span style="background:{COLOURS[k]};padding:0 4px">{name}</span>' for k, name in
-                            (("lora", "LoRA"), ("full", "full"), ("off", "frozen")))
-                   + " &middot; cell label: L = LoRA, F = full, then the module's parameter count"),
+                            (("lora", "LoRA"), ("ia3", "IA3"), ("full", "full"), ("prompt", "LLaMA-Adapter"),
+                             ("off", "frozen")))
+                   + " &middot; cell label: L = LoRA, I = IA3, F = full, P = adapted attention, then the module's "
+                   "parameter count"),
             self.grid,
             W.HBox([self.batch_size, self.seq_len, self.checkpointing]),
             self.counters, self.messages, W.HTML(HELP),
@@ -163,6 +198,8 @@ class LayerPicker:
         ed = self.editor
         values = {self.preset: ed.preset, self.top_n: ed.top_n, self.click_sets: ed.click_sets,
                   self.rank: ed.plan.rank, self.alpha: ed.plan.alpha, self.dropout: ed.plan.dropout,
+                  self.virtual_tokens: ed.plan.virtual_tokens, self.use_dora: ed.plan.use_dora,
+                  self.rslora: ed.plan.rslora,
                   self.batch_size: ed.batch_size, self.seq_len: ed.seq_len,
                   self.checkpointing: ed.gradient_checkpointing}
         values.update({getattr(self, g): ed.groups[g] for g in GROUPS})
@@ -182,13 +219,16 @@ class LayerPicker:
         if event == PLAN:
             for (b, c), btn in self.cells.items():
                 state, n = ed.cell_state(b, c), ed.cell_params(b, c)
-                btn.description = f"{'L ' if state == 'lora' else 'F ' if state == 'full' else ''}{_short(n)}"
+                btn.description = f"{MARKS[state]}{_short(n)}"
                 btn.style.button_color = COLOURS[state]
                 btn.tooltip = f"{a.module_name(b, c)}: {n:,} parameters, {state}"
         error, est = ed.error, ed.estimate
+        words = ed.virtual_tokens_text()
+        self.tokens.value = "" if words is None else _tokens_html(ed.plan.virtual_tokens, words)
         self.counters.value = "" if est is None else (
-            f'<div class="sftkit-counters"><b>{ed.trainable:,}</b> trainable parameters '
-            f'(<b>{ed.trainable_percent:.3f}%</b> of {ed.total_params:,}) &middot; {ed.plan.method.upper()} '
+            f'<div class="sftkit-counters"><b>{ed.trainable:,}</b> trainable parameters: '
+            f'<b>{_percent(ed.trainable_percent)}</b> of the model ({ed.total_params:,}) trains &middot; '
+            f'{html.escape(ed.plan.kind_label)} '
             f'&middot; weights {ed.weights} &middot; plan: {html.escape(ed.plan.label)}<table style="font-size:12px">'
             + "".join(f"<tr><td>{k}</td><td style='text-align:right'>{v / 2**20:,.0f} MiB</td></tr>"
                       for k, v in est.rows())
