@@ -82,13 +82,16 @@ def run_plain(job: dict) -> dict:
 
     folder = str(prepare_default_model(progress=lambda *a: None))
     tokenizer = AutoTokenizer.from_pretrained(folder)
+    # the precision sftkit's policy picks on this device: bf16 on a GPU that has it, fp32 on a CPU
+    bf16 = job["device"] == "cuda" and torch.cuda.is_bf16_supported()
+    dtype = torch.bfloat16 if bf16 else torch.float32
     if job["quantization"] == "4bit":
         q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.float32)
-        model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=q, dtype=torch.float32)
+                               bnb_4bit_compute_dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=q, dtype=dtype)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     else:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     torch.manual_seed(SEED)
     model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                                              target_modules="all-linear", task_type="CAUSAL_LM"))
@@ -121,7 +124,7 @@ def run_plain(job: dict) -> dict:
     args = TrainingArguments(output_dir=job["out"], per_device_train_batch_size=BATCH, max_steps=job["steps"],
                              learning_rate=LR, lr_scheduler_type="cosine", warmup_steps=WARMUP, logging_steps=1,
                              save_strategy="no", report_to="none", seed=SEED, use_cpu=job["device"] == "cpu",
-                             disable_tqdm=True)
+                             disable_tqdm=True, bf16=bf16)
     trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=counting_collator,
                       callbacks=[Clock()])
     trainer.train()
@@ -149,7 +152,8 @@ def _from_metrics(run) -> dict:
     first, last = rows[0], rows[-1]
     batching = next((e for e in run.events() if e["event"] == "batching"), {})
     return {"seconds": last["time"] - first["time"], "tokens": last["tokens_seen"] - first["tokens_seen"],
-            "final_loss": last["loss"], "all_tokens": last["tokens_seen"], "batching": batching.get("message", "")}
+            "final_loss": last["loss"], "all_tokens": last["tokens_seen"], "batching": batching.get("message", ""),
+            "run_rss": max(m.get("memory_rss", 0) for m in rows)}
 
 
 def run_sftkit(job: dict) -> dict:
@@ -174,14 +178,15 @@ def run_sftkit_live(job: dict) -> dict:
     if state != "finished":
         raise SystemExit(f"live run ended {state}")
     out = _from_metrics(launcher.handle.run)
-    out["redraws"] = launcher.view.redraws if hasattr(launcher, "view") else None
+    out["redraws"] = launcher.view.redraws
+    out["rss_is_sampled"] = True  # the run trains in its own process: its RSS at each logged step
     return out
 
 
 def child(job: dict) -> None:
     fn = {"plain": run_plain, "sftkit": run_sftkit, "sftkit_live": run_sftkit_live}[job["who"]]
     out = fn(job)
-    out["peak_rss"] = peak_rss()
+    out["peak_rss"] = out["run_rss"] if out.get("rss_is_sampled") else peak_rss()
     if job["device"] == "cuda":
         import torch
 
@@ -220,6 +225,38 @@ def spawn(job: dict) -> dict:
     return json.loads(line[len("RESULT "):])
 
 
+def measure_one(base, tmp, kind, who, quant, repeat, train_rows, rate, n_params) -> dict:
+    job = {**base, "who": who, "quantization": quant, "out": str(Path(tmp) / f"{kind}-{who}-{quant}-{repeat}"),
+           "train_rows": train_rows if who == "plain" else None}
+    r = spawn(job)
+    r.update(rows=kind, who=who, quantization=quant, repeat=repeat)
+    r["tokens_per_s"] = r["tokens"] / r["seconds"]
+    r["mfu"] = r["tokens_per_s"] * 4 * n_params / rate
+    print(f"{kind:8} {who:12} {quant:5} {r['tokens_per_s']:7.1f} real tokens/s  {r['seconds']:7.1f} s  "
+          f"{r['peak_rss'] / 2**30:.2f} GiB peak RSS  loss {r['final_loss']:.3f}  {r.get('batching', '')}", flush=True)
+    return r
+
+
+def median_rows(results: list[dict]) -> list[dict]:
+    """One row per (rows, run, weights): the median tokens/s over the repeats (max of peak RSS)."""
+    import statistics
+
+    out, seen = [], []
+    for r in results:
+        key = (r["rows"], r["who"], r["quantization"])
+        if key in seen:
+            continue
+        seen.append(key)
+        same = [x for x in results if (x["rows"], x["who"], x["quantization"]) == key]
+        row = dict(same[0])
+        row["tokens_per_s"] = statistics.median(x["tokens_per_s"] for x in same)
+        row["mfu"] = statistics.median(x["mfu"] for x in same)
+        row["peak_rss"] = max(x["peak_rss"] for x in same)
+        row["n"] = len(same)
+        out.append(row)
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=12)
@@ -227,6 +264,7 @@ def main():
     parser.add_argument("--no-4bit", action="store_true")
     parser.add_argument("--no-live", action="store_true")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each; the order flips each time")
     parser.add_argument("--out", default=str(HERE / "RESULTS.md"))
     parser.add_argument("--child")
     args = parser.parse_args()
@@ -249,22 +287,16 @@ def main():
             base = {"rows": kind, "source": str(source), "steps": args.steps, "device": device}
             train_rows = run_rows(sftkit_config({**base, "out": tmp, "quantization": "none"})).train
             lengths = None
-            pairs = [("none", "plain"), ("none", "sftkit")]
-            if kind == "mixed" and not args.no_4bit:
-                pairs += [("4bit", "plain"), ("4bit", "sftkit")]
+            quants = ["none"] + (["4bit"] if kind == "mixed" and not args.no_4bit else [])
+            order = 0
+            for quant in quants:
+                for repeat in range(args.repeats):
+                    pair = ["plain", "sftkit"] if order % 2 == 0 else ["sftkit", "plain"]  # alternating order
+                    order += 1
+                    for who in pair:
+                        results.append(measure_one(base, tmp, kind, who, quant, repeat, train_rows, rate, n_params))
             if kind == "mixed" and not args.no_live:
-                pairs += [("none", "sftkit_live")]
-            for quant, who in pairs:
-                job = {**base, "who": who, "quantization": quant, "out": str(Path(tmp) / f"{kind}-{who}-{quant}"),
-                       "train_rows": train_rows if who == "plain" else None}
-                r = spawn(job)
-                r.update(rows=kind, who=who, quantization=quant)
-                r["tokens_per_s"] = r["tokens"] / r["seconds"]
-                r["mfu"] = r["tokens_per_s"] * 4 * n_params / rate
-                results.append(r)
-                print(f"{kind:8} {who:12} {quant:5} {r['tokens_per_s']:7.1f} real tokens/s  {r['seconds']:7.1f} s  "
-                      f"{r['peak_rss'] / 2**30:.2f} GiB peak RSS  loss {r['final_loss']:.3f}  "
-                      f"{r.get('batching', '')}", flush=True)
+                results.append(measure_one(base, tmp, kind, "sftkit_live", "none", 0, train_rows, rate, n_params))
             if lengths is None:
                 from transformers import AutoTokenizer
 
@@ -276,7 +308,7 @@ def main():
                 for r in results:
                     if r["rows"] == kind:
                         r["lengths"] = (min(lengths), max(lengths))
-    section = report(results, rate, args, device)
+    section = report(median_rows(results), rate, args, device)
     print(section)
     from prompting_baseline import write_section
 
@@ -297,8 +329,11 @@ def report(results: list[dict], rate: float, args, device: str) -> str:
              f"{platform.machine()} with {os.cpu_count()} cores, torch {torch.__version__}, transformers "
              f"{transformers.__version__}, peft {peft.__version__}. Default model (SmolLM2-135M), LoRA r=16 on all "
              f"linear layers, batch {BATCH}, {args.steps} steps, the same rows and seed; each run a fresh process, "
-             f"plain and sftkit alternating. Real tokens/s over the steps after the first; fp32 matmul measured "
-             f"here: {rate / 1e9:.0f} GFLOP/s; matmul limit share at 4 x 134.5M FLOPs per real token.", "",
+             f"plain and sftkit in alternating order, the median of {args.repeats} run(s) each. Real tokens/s over the "
+             f"steps after the first; fp32 matmul measured here: {rate / 1e9:.0f} GFLOP/s. \"Of matmul limit\" "
+             f"counts 4 x 134.5M FLOPs per real token for both (sftkit does less work per token than that: its "
+             f"head runs at the trained positions only). Peak RSS: the training process's peak (the launcher row: "
+             f"the largest RSS its run process logged).", "",
              "| rows | run | weights | real tokens/s | vs plain | of matmul limit | peak RSS | final loss | batching |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in results:

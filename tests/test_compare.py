@@ -421,7 +421,7 @@ def test_label_tasks_get_macro_f1_per_variant_per_pair_and_in_exports(runs, base
         first = next(csv.DictReader(fh))
     assert first["ref_label"] == _first_char(items[0]["iso"]) and "bleu" in first
     titles = [f.layout.title.text for f in summary_figures(c)]
-    assert any("macro-F1" in t for t in titles) and "bleu (95% CI)" in titles
+    assert any("macro-F1" in t for t in titles) and "sentence BLEU, mean over items (95% CI)" in titles
     # given classes are what macro-F1 averages over
     fixed = compare(variants[:1], items, model=model, tokenizer=tokenizer, labels=_first_char, classes=["1", "2", "z"],
                     forgetting=False)

@@ -144,6 +144,9 @@ def test_macro_f1_by_hand():
     # an answer outside the classes ("x") is a miss for its item; a class with no reference still counts
     assert macro_f1(["x", "x"], ["a", "a"], labels=["a", "b"]) == 0.0
     assert macro_f1(["a", "b"], ["a", "b"]) == 1.0
+    # classes of the task that these items never show (as reference or answer) are not averaged in as 0
+    assert macro_f1(["a", "b"], ["a", "b"], labels=["a", "b", "c", "d"]) == 1.0
+    assert macro_f1(["a", "(invalid)"], ["a", "b"], labels=["a", "b", "c"]) == pytest.approx((1.0 + 0.0) / 2)
     # a rare class weighs as much as a common one: always answering the common class scores 0.5 * F1
     assert macro_f1(["a"] * 10, ["a"] * 9 + ["b"]) == pytest.approx((2 * 0.9 / 1.9) / 2)
     with pytest.raises(ValueError, match="one reference per output"):
@@ -167,3 +170,7 @@ def test_bootstrap_statistic_covers_and_agrees_with_the_paired_bootstrap():
     assert stat.low == pytest.approx(ref.low, abs=0.1) and stat.high == pytest.approx(ref.high, abs=0.1)
     one = bootstrap_statistic(1, lambda idx: 0.25)
     assert (one.diff, one.low, one.high, one.n) == (0.25, 0.25, 0.25, 1)
+    # a statistic no resample moves (perfect answers) has a point interval, not a widened one
+    refs = ["a", "b", "c", "d", "e"] * 3
+    perfect = bootstrap_statistic(len(refs), lambda idx: macro_f1([refs[i] for i in idx], [refs[i] for i in idx]))
+    assert (perfect.diff, perfect.low, perfect.high) == (1.0, 1.0, 1.0)

@@ -116,10 +116,13 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], *, confidence: floa
 
 def bootstrap_statistic(n: int, statistic, *, confidence: float = 0.95, n_resamples: int = 1999,
                         seed: int = 0) -> PairedDifference:
-    """Bootstrap CI (percentile, seeded) of any statistic of ``n`` items resampled together, for corpus
-    metrics that are not means of per-item scores (macro-F1). ``statistic(indices)`` gets an int array
-    of item indices (with repeats) and returns a float, e.g. F1 of variant a minus F1 of variant b on
-    those items: resampling the indices keeps the pairs together."""
+    """Bootstrap CI (BCa, seeded; percentile where BCa is undefined) of any statistic of ``n`` items
+    resampled together, for corpus metrics that are not means of per-item scores (macro-F1).
+    ``statistic(indices)`` gets an int array of item indices (with repeats) and returns a float, e.g.
+    F1 of variant a minus F1 of variant b on those items: resampling the indices keeps the pairs
+    together. A statistic that no resample moves has a point interval."""
+    import warnings
+
     import numpy as np
 
     if n < 1:
@@ -130,11 +133,22 @@ def bootstrap_statistic(n: int, statistic, *, confidence: float = 0.95, n_resamp
         return PairedDifference(value, value, value, n, confidence)
     from scipy.stats import bootstrap
 
-    res = bootstrap((idx,), lambda i: statistic(np.asarray(i, dtype=int)), vectorized=False,
-                    confidence_level=confidence, n_resamples=n_resamples, method="percentile",
-                    random_state=np.random.default_rng(seed))
-    low, high = float(res.confidence_interval.low), float(res.confidence_interval.high)
-    return PairedDifference(value, min(low, value), max(high, value), n, confidence)
+    def stat(i):
+        return statistic(np.asarray(i, dtype=int))
+
+    low = high = math.nan
+    for method in ("BCa", "percentile"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a degenerate distribution: handled below
+            res = bootstrap((idx,), stat, vectorized=False, confidence_level=confidence, n_resamples=n_resamples,
+                            method=method, random_state=np.random.default_rng(seed))
+        low, high = float(res.confidence_interval.low), float(res.confidence_interval.high)
+        if math.isfinite(low) and math.isfinite(high):
+            break
+        if np.ptp(res.bootstrap_distribution) == 0:  # every resample gives the same value
+            low = high = float(res.bootstrap_distribution[0])
+            break
+    return PairedDifference(value, low, high, n, confidence)
 
 
 def win_tie_loss(a: Sequence[float], b: Sequence[float]) -> tuple[int, int, int]:

@@ -64,12 +64,17 @@ def exact_match_items(hyps: Sequence[str], refs: Sequence[str]) -> list[bool]:
 def macro_f1(predicted: Sequence[str], reference: Sequence[str], labels: Sequence[str] | None = None) -> float:
     """Macro-averaged F1 over the classes (scikit-learn): every class weighs the same, however rare.
 
-    labels: the classes averaged over (default: those in ``reference``); a prediction outside them (an
-    unparseable answer, a made-up class) counts as a miss for the item's true class."""
+    labels: the task's classes. The average runs over those that occur in these items (as a reference or
+    an answer), as scikit-learn does by default, so a class absent from a small sample does not count as
+    F1 = 0; a prediction outside the classes (an unparseable answer, a made-up class) is a miss for the
+    item's true class and no class of its own. Default: the classes of the references."""
     from sklearn.metrics import f1_score
 
     _check(predicted, reference)
     if not reference:
         raise ValueError("macro-F1 needs at least one item")
-    labels = sorted(set(reference)) if labels is None else list(labels)
+    present = set(reference) | set(predicted)
+    labels = sorted(set(reference)) if labels is None else [c for c in labels if c in present]
+    if not labels:
+        return 0.0
     return float(f1_score(list(reference), list(predicted), labels=labels, average="macro", zero_division=0))

@@ -171,7 +171,8 @@ class Comparison:
     references: dict[str, list[str]] = field(default_factory=dict)
     seed: int = 0
     labels: list[str] | None = None  # label tasks: the classes macro-F1 averages over
-    _pairs: list | None = field(default=None, repr=False, compare=False)  # computed once (bootstraps are slow)
+    _pairs: list | None = field(default=None, repr=False, compare=False)
+    _f1_cis: dict = field(default_factory=dict, repr=False, compare=False)  # computed once (bootstraps are slow)
 
     @property
     def n(self) -> int:
@@ -200,10 +201,14 @@ class Comparison:
         return macro_f1([r["label"] for r in rows], [r["ref_label"] for r in rows], self.labels)
 
     def macro_f1_ci(self, variant: str) -> tuple[float, float, float]:
+        """Macro-F1 with its bootstrap 95% interval (computed once per variant: bootstraps are slow)."""
         from ..core.stats import bootstrap_statistic
 
-        d = bootstrap_statistic(self.n, lambda i: self.macro_f1(variant, i), seed=self.seed)
-        return d.diff, d.low, d.high
+        key = (variant, self.n)
+        if key not in self._f1_cis:
+            d = bootstrap_statistic(self.n, lambda i: self.macro_f1(variant, i), seed=self.seed)
+            self._f1_cis[key] = (d.diff, d.low, d.high)
+        return self._f1_cis[key]
 
     # ---- summaries ---------------------------------------------------------------------------
     def _mean_ci(self, values: list[float]) -> tuple[float, float, float]:
@@ -468,7 +473,8 @@ def _generate(model, tokenizer, prompts: list[str], max_new_tokens: int) -> tupl
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     started = time.perf_counter()
     with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=_pad_id(tokenizer))
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=_pad_id(tokenizer),
+                             eos_token_id=sorted(_stop_ids(model, tokenizer)))
     seconds = time.perf_counter() - started
     new = out[:, enc["input_ids"].shape[1]:].tolist()
     stops = _stop_ids(model, tokenizer)

@@ -57,17 +57,29 @@ def choose_packing(setting, lengths: Sequence[int], batch_size: int) -> tuple[bo
 
 
 # ---- packed attention --------------------------------------------------------------------------------
+# what the per-row branch has done (tests and the run's probe read it), and the last batch's rows: the
+# boundaries are read from the device once per forward, not once per layer
+PACKED_CALLS = {"per_row": 0, "standard": 0}
+_LAST_SEGMENTS: list = [None, None]  # [position_ids tensor, its segments]
+
+# attention settings the per-row branch does not implement: with any of them, sdpa decides
+_UNSUPPORTED = ("sliding_window", "softcap", "s_aux", "sinks", "position_bias", "head_mask")
+
+
 def _segments(position_ids) -> list[tuple[int, int]] | None:
     """(start, end) of each row in a packed sequence (positions restart at 0), or None for one row."""
     import torch
 
     if position_ids is None or position_ids.dim() != 2 or position_ids.shape[0] != 1:
         return None
+    if _LAST_SEGMENTS[0] is position_ids:
+        return _LAST_SEGMENTS[1]
     starts = torch.nonzero(position_ids[0] == 0).flatten().tolist()
-    if len(starts) < 2 or starts[0] != 0:
-        return None
-    ends = starts[1:] + [position_ids.shape[1]]
-    return list(zip(starts, ends))
+    segments = None
+    if len(starts) >= 2 and starts[0] == 0:
+        segments = list(zip(starts, starts[1:] + [position_ids.shape[1]]))
+    _LAST_SEGMENTS[0], _LAST_SEGMENTS[1] = position_ids, segments
+    return segments
 
 
 def packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
@@ -79,11 +91,14 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
     segments = None
-    if query.shape[0] == 1 and query.shape[2] == key.shape[2] and query.shape[2] > 1:
+    if (query.shape[0] == 1 and query.shape[2] == key.shape[2] and query.shape[2] > 1
+            and not any(kwargs.get(k) is not None for k in _UNSUPPORTED) and (dropout or 0.0) == 0.0):
         segments = _segments(kwargs.get("position_ids"))
     if segments is None:
+        PACKED_CALLS["standard"] += 1
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
+    PACKED_CALLS["per_row"] += 1
     groups = getattr(module, "num_key_value_groups", 1)
     if groups > 1:
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
@@ -106,12 +121,30 @@ def register_packed_attention() -> str:
 
 
 def use_packed_attention(model) -> bool:
-    """Switch an sdpa model to the packed attention (eager and flash kernels are left alone)."""
+    """Switch an sdpa model to the packed attention (eager and flash kernels are left alone), if a probe
+    (two 3-token rows packed) shows its per-row branch really runs for this model: models that do not
+    hand position ids to their attention, or use settings it does not implement (sliding windows,
+    soft-capping, sinks), stay on sdpa."""
+    import torch
+
     base = _base_model(model)
     if getattr(base.config, "_attn_implementation", None) != "sdpa" or not hasattr(base, "set_attn_implementation"):
         return False
     register_packed_attention()
     base.set_attn_implementation(PACKED_ATTENTION)
+    before = dict(PACKED_CALLS)
+    device = next(base.parameters()).device
+    probe = torch.tensor([[0, 1, 2, 0, 1, 2]], device=device)
+    was_training = base.training
+    try:
+        base.eval()
+        with torch.no_grad():
+            base(input_ids=torch.ones_like(probe), position_ids=probe, use_cache=False)
+    finally:
+        base.train(was_training)
+    if PACKED_CALLS["per_row"] == before["per_row"] or PACKED_CALLS["standard"] != before["standard"]:
+        base.set_attn_implementation("sdpa")  # some layer would not run per row: sdpa's block mask is right
+        return False
     return True
 
 
@@ -199,17 +232,22 @@ def split_batch(inputs: dict, max_tokens: int | None) -> list[dict]:
                  for k, v in inputs.items()} for a, b in cuts]
     mask = inputs.get("attention_mask")
     lengths = mask.sum(1).tolist() if mask is not None else [ids.shape[1]] * ids.shape[0]
-    if sum(lengths) <= max_tokens:
+    if len(lengths) * max(lengths) <= max_tokens:
         return [inputs]
-    groups, current, total = [], [], 0
-    for i, n in enumerate(lengths):
-        if current and total + n > max_tokens:
+    # rows by length (the summed gradient does not depend on the order); a group costs its rows times its
+    # longest row, padding included, so no pass holds more than max_tokens (a longer row goes alone)
+    groups, current, width = [], [], 0
+    for i in sorted(range(len(lengths)), key=lambda j: lengths[j]):
+        n = lengths[i]
+        if current and (len(current) + 1) * max(width, n) > max_tokens:
             groups.append(current)
-            current, total = [], 0
+            current, width = [], 0
         current.append(i)
-        total += n
+        width = max(width, n)
     groups.append(current)
     right_padded = mask is None or bool((mask[:, 0] == 1).all())
+    if not right_padded and "position_ids" not in inputs:  # cutting left padding must not move positions
+        inputs = {**inputs, "position_ids": (mask.long().cumsum(1) - 1).clamp(min=0)}
     out = []
     for rows in groups:
         width = max(lengths[i] for i in rows)

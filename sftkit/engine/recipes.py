@@ -141,12 +141,15 @@ def choose_batching(cfg: RunConfig, parts: ModelParts, data: DataParts, setting:
     t = cfg.training
     lengths = [len(r["input_ids"]) for r in data.train]
     fast, why_not = supports_trained_positions_loss(parts.model)
+    from ..core.plan import PROMPT_FAMILIES
+
     setting_value = {"on": True, "off": False}.get(t.packing, "auto")
-    if setting_value == "auto" and not fast and why_not.startswith("prompt-learning"):
-        setting_value = False  # virtual tokens belong to every row: never packed
+    prompt_method = cfg.adapter.preset in PROMPT_FAMILIES or (not fast and why_not.startswith("prompt-learning"))
+    if setting_value == "auto" and prompt_method:
+        setting_value = False  # virtual tokens / adapter prompts belong to every row: never packed
     packing, share, why = choose_packing(setting_value, lengths, t.batch_size)
     if setting_value is False and t.packing == "auto":
-        why = f"packing: off (auto): {why_not}"
+        why = f"packing: off (auto): adapter.preset {cfg.adapter.preset} adds a prompt to every row"
     attention = use_packed_attention(parts.model) if packing else False
     loss_why = ("the head and the loss at the trained positions only" if fast
                 else f"the model's own loss on every position ({why_not})")

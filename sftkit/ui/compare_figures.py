@@ -67,7 +67,8 @@ def summary_figures(result) -> list[go.Figure]:
     names = list(result.variants)
     figs = []
     families = [(result.primary, f"{result.primary} (95% CI)", 1.0, True)]
-    families += [(m, f"{m} (95% CI)", 0.01 if m in ("chrf", "bleu") else 1.0, True)
+    titles = {"chrf": "chrF (95% CI)", "bleu": "sentence BLEU, mean over items (95% CI)", "rouge_l": "ROUGE-L (95% CI)"}
+    families += [(m, titles[m], 0.01 if m in ("chrf", "bleu") else 1.0, True)
                  for m in ("chrf", "bleu", "rouge_l") if m in result.metrics()]
     if "ref_ppl" in result.metrics():
         families.append(("ref_ppl", "perplexity of the reference answer (lower is better)", 1.0, False))
