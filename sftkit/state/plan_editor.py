@@ -48,12 +48,14 @@ class PlanEditor(Observable):
 
     def __init__(self, anatomy: Anatomy, plan: FreezePlan | None = None, *, weights: str = "float32",
                  device_bytes: int | None = None, device_name: str = "device", batch_size: int = 8,
-                 seq_len: int = 256, gradient_checkpointing: bool = False):
+                 seq_len: int = 256, gradient_checkpointing: bool = False, pass_tokens: int | None = None):
         self.anatomy = anatomy
         self.weights = weights
         self.device_bytes = device_bytes
         self.device_name = device_name
         self.batch_size, self.seq_len, self.gradient_checkpointing = batch_size, seq_len, gradient_checkpointing
+        # runs work through a batch in passes of at most training.max_pass_tokens (its default unless given)
+        self.pass_tokens = _default_pass_tokens() if pass_tokens is None else (pass_tokens or None)
         self._plan = FreezePlan.of(plan) if plan is not None else FreezePlan.preset("lora_attention", anatomy)
         self.preset, self.top_n, self.click_sets = "lora_attention", anatomy.n_blocks, "lora"
         self.groups = {g: False for g in GROUPS}
@@ -243,7 +245,7 @@ class PlanEditor(Observable):
             self.trainable = self._plan.trainable_params(self.anatomy)
             self.estimate = self._plan.memory_estimate(
                 self.anatomy, batch_size=self.batch_size, seq_len=self.seq_len, weights=self.weights,
-                gradient_checkpointing=self.gradient_checkpointing)
+                gradient_checkpointing=self.gradient_checkpointing, pass_tokens=self.pass_tokens)
             self.error = None
         except PlanError as exc:
             self.estimate = None
@@ -274,3 +276,11 @@ class PlanEditor(Observable):
         if self.fits:
             return None
         return f"The estimate ({size_text(self.estimate.total)}) won't fit in {self.device_text}: {FIT_ADVICE}."
+
+
+def _default_pass_tokens() -> int | None:
+    from dataclasses import fields
+
+    from ..core.runconfig import TrainingConfig
+
+    return next(f.default for f in fields(TrainingConfig) if f.name == "max_pass_tokens")

@@ -232,7 +232,9 @@ class LayerPicker:
             f'&middot; weights {ed.weights} &middot; plan: {html.escape(ed.plan.label)}<table style="font-size:12px">'
             + "".join(f"<tr><td>{k}</td><td style='text-align:right'>{v / 2**20:,.0f} MiB</td></tr>"
                       for k, v in est.rows())
-            + f"</table>estimated peak for batch {ed.batch_size} x {ed.seq_len} tokens, against {ed.device_text}</div>")
+            + f"</table>estimated peak for batch {ed.batch_size} x {ed.seq_len} tokens"
+            + (f" (run in passes of at most {ed.pass_tokens} tokens)" if ed.pass_tokens else "")
+            + f", against {ed.device_text}</div>")
         kind, colour, mark, text = ("error", "#b91c1c", "&#10006;", error) if error else \
             ("warning", "#92400e", "&#9888;", ed.warning)
         self.messages.value = "" if text is None else \
