@@ -7,9 +7,10 @@ import nbformat as nbf
 
 md, code = nbf.v4.new_markdown_cell, nbf.v4.new_code_cell
 cells = [
-    md("# sftkit: start here\n\n"
+    md("# sftkit: start here (the install check)\n\n"
        "This notebook checks the install, loads the bundled model "
-       "(**SmolLM2-135M-Instruct**, 135M parameters, works offline) and chats with it.\n\n"
+       "(**SmolLM2-135M-Instruct**, 135M parameters, works offline) and chats with it. If every cell "
+       "runs, the laptop is ready for the workshop: go on with **00_quickstart.ipynb**.\n\n"
        "Run the cells from top to bottom with **Shift+Enter**."),
     md("## 1. Is everything installed?\n\n"
        "`sftkit.doctor()` lists the library versions, your CPU/GPU and memory, and whether the "
@@ -48,10 +49,118 @@ cells = [
     code('small = sftkit.load_model("default", quantization="4bit")\n'
          'print(f"fp32: {loaded.report.footprint_bytes / 2**20:.0f} MiB, "\n'
          '      f"4-bit: {small.report.footprint_bytes / 2**20:.0f} MiB")'),
-    md("## Next\n\nThe next notebooks build a prompt template, pick the layers to train, and run a "
-       "fine-tune you can watch and stop."),
+    md("## Next\n\n**00_quickstart.ipynb** runs the whole loop in one notebook. The numbered notebooks "
+       "then go deeper: a prompt template, the layers to train, attention, a fine-tune you can watch and stop, "
+       "prompt vs fine-tune, feedback, and the PEFT families side by side."),
 ]
 NOTEBOOKS = {"00_start_here.ipynb": cells}
+
+NOTEBOOKS["00_quickstart.ipynb"] = [
+    md("# Quickstart: the whole loop in one notebook\n\n"
+       "The workshop's question, answered end to end: **does a small fine-tune beat a good prompt, and by how "
+       "much?** The bundled model (SmolLM2-135M-Instruct, offline) learns the *dates* teaching task: any date "
+       "in, `YYYY-MM-DD` out. Five steps, each with the widget the numbered notebooks explore in depth:\n\n"
+       "1. the task and its prompt template, with the tokens that are trained (the loss mask);\n"
+       "2. a layer plan: which weights get a LoRA adapter, and what that costs;\n"
+       "3. a short training run with live curves and samples;\n"
+       "4. what the fine-tune changed inside: base vs adapter attention on one prompt;\n"
+       "5. the verdict: prompt vs fine-tune on the same fresh items, with a 95% confidence interval.\n\n"
+       "Run the cells from top to bottom with **Shift+Enter** (or *Run > Run All Cells*)."),
+    code("import os\n\n"
+         "import sftkit\n"
+         "from sftkit import split_rows\n"
+         "from sftkit.ui import AttentionView, CompareView, LayerPicker, PromptBuilder, RunLauncher\n\n"
+         "# workshop leaders: SFTKIT_NOTEBOOK_STEPS / SFTKIT_NOTEBOOK_ITEMS shorten the run and the comparison\n"
+         "config = sftkit.example_config()\n"
+         'steps = int(os.environ.get("SFTKIT_NOTEBOOK_STEPS", config.training.max_steps))\n'
+         'n_items = int(os.environ.get("SFTKIT_NOTEBOOK_ITEMS", 60))\n'
+         'model, tokenizer = sftkit.load_model("default")\n'
+         'task = sftkit.teaching_task("dates")\n'
+         "print(task.description)"),
+    md("## 1. The task, the template and the loss mask\n\n"
+       "Fine-tuning trains the model to produce the **answer** tokens given everything before them. In the "
+       "preview, **green** tokens are trained, **grey** ones are context only; the end-of-turn token "
+       "`<|im_end|>` is trained too, so the model learns to stop. Edit the system prompt or the pattern and "
+       "watch the mask follow; **Try it** shows what the base model answers now (notebook 1 goes deeper)."),
+    code('train, held_out = split_rows(task.rows(), eval_size=100, seed=0)\n'
+         "builder = PromptBuilder(train, tokenizer, model, task.template)\n"
+         "builder"),
+    md("## 2. What to train: a layer plan\n\n"
+       "Each block of the model has attention and MLP projections. The plan here is the example run's: a "
+       "rank-16 LoRA adapter beside every linear layer (green cells), everything else frozen. The counters "
+       "say how many parameters train and how much memory the run needs; click cells to change the plan "
+       "(notebook 2 goes deeper)."),
+    code("anatomy = sftkit.inspect_model(model)\n"
+         "picker = LayerPicker(model, sftkit.FreezePlan.from_adapter(config.adapter, anatomy), batch_size=8, seq_len=128)\n"
+         "picker"),
+    md("## 3. Train, and watch it learn\n\n"
+       "The launcher runs `sftkit train` in a process of its own with the template from step 1 and the plan "
+       "from step 2, and follows its run folder under `runs/`: the loss curve grows live, and every few steps "
+       "the run answers a few held-out prompts (red turns green as it learns). **Stop** works at any time "
+       "(notebook 4 goes deeper)."),
+    code("config = config.with_changes(name=\"quickstart\", training={\n"
+         '    "max_steps": steps, "eval_every": max(steps // 2, 1),\n'
+         '    "checkpoint_every": max(steps // 2, 1), "sample_every": max(steps // 3, 1)})\n'
+         "launcher = RunLauncher(config, template=builder.template, plan=picker.plan, anatomy=picker.anatomy)\n"
+         "launcher.start()\n"
+         "launcher"),
+    md("The next cell waits for the run to end, so *Run All* works top to bottom."),
+    code("print(launcher.wait())\n"
+         "run = launcher.handle.run\n"
+         'print(run.read_status()["message"])'),
+    md("## 4. What changed inside? Base vs adapter attention\n\n"
+       "The same held-out prompt through the base model (adapter off) and the fine-tuned one (adapter on). "
+       "The grid colours each layer x head by how much its attention moved; the view opens the head that "
+       "moved most. Click any cell to open another head (notebook 3 goes deeper)."),
+    code("tuned, _ = sftkit.load_trained(run)\n"
+         "split = sftkit.run_rows(run.config())\n"
+         "row = split.eval[0]\n"
+         "rendered = split.template.render(row, tokenizer)\n"
+         "diff = sftkit.adapter_diff(tuned, tokenizer, input_ids=rendered.input_ids, segments=rendered.segments)\n"
+         "change = diff.change()\n"
+         "i, head = divmod(int(change.argmax()), change.shape[1])\n"
+         "layer = diff.after.layers[i]\n"
+         "print(f\"prompt: {row['text']!r} -> {row['iso']!r}; the head that moved most: layer {layer}, head {head}\")\n"
+         "attention = AttentionView(diff)\n"
+         "attention.select(layer, head)\n"
+         "attention"),
+    md("## 5. Did the fine-tune beat the prompt?\n\n"
+       "Fresh items the run never trained on, answered three ways by one base model: the prompt alone "
+       "(**zero-shot**), the prompt with three solved examples (**few-shot**), and the **fine-tune** (the "
+       "adapter switched on). The items are the same for all three, so the comparison is paired: an exact "
+       "McNemar test and a bootstrap 95% interval of the difference (notebook 5 goes deeper, with forgetting)."),
+    code("seen = {r[\"text\"] for r in split.train}\n"
+         "items = [r for r in task.rows(400, seed=12345) if r[\"text\"] not in seen][:n_items]\n"
+         "variants = [sftkit.Variant.zero_shot(split.template, max_new_tokens=16),\n"
+         '            sftkit.Variant.few_shot(split.template, split.train[:3], name="few-shot", items=items,\n'
+         "                                    max_new_tokens=16),\n"
+         '            sftkit.Variant.from_run(run, name="fine-tune", max_new_tokens=16)]\n'
+         "view = CompareView(variants, items, model=model, tokenizer=tokenizer, scorer=task.score,\n"
+         '                   cache=run.path / "compare", forgetting=False)\n'
+         "view"),
+    md("The answer to the workshop's question (the next cell waits for the comparison):"),
+    code("view.wait()\n"
+         "result = view.result\n"
+         "summary = result.summary()\n"
+         'print(f"{\'variant\':<12}{\'score\':>7}   95% CI (Wilson)   on {result.n} fresh items")\n'
+         "for name in result.variants:\n"
+         '    low, high = summary[name]["score_ci"]\n'
+         '    print(f"{name:<12}{summary[name][\'score\']:>7.0%}   {low:.0%} to {high:.0%}")\n'
+         "print()\n"
+         'print(result.verdict("fine-tune", "few-shot"))\n'
+         'print(result.verdict("fine-tune", "zero-shot"))'),
+    md("## Reading the verdict\n\n"
+       "- *better by N points (95% CI a to b)*: the fine-tune's score minus the prompt's, on the same items; "
+       "the interval is where the true difference plausibly lies. An interval that excludes 0 (and a small "
+       "p) means the gain is real, not luck of the items.\n"
+       "- *no detectable difference*: with this many items a gap this size can't be told from chance; the "
+       "verdict says about how many items it would take.\n"
+       "- A prompt that is not detectably worse is often the better choice: nothing to train, nothing to "
+       "forget.\n\n"
+       "## Where next\n\n"
+       "1 prompts and the loss mask, 2 layers and memory, 3 attention, 4 runs (stop, resume, export, merge), "
+       "5 prompt vs fine-tune with forgetting, 6 feedback and DPO, 7 every PEFT family side by side."),
+]
 
 NOTEBOOKS["01_prompt_builder.ipynb"] = [
     md("# 1. Build the prompt, see what is trained\n\n"
@@ -113,7 +222,16 @@ NOTEBOOKS["02_layer_picker.ipynb"] = [
     code("plan = picker.plan\n"
          "anatomy = picker.anatomy\n"
          "print(plan.label, plan.method, f\"{plan.trainable_params(anatomy):,} trainable\")\n"
-         "print(plan.lora_config(anatomy) if plan.method == 'lora' else 'full training')"),
+         "if plan.method == 'lora':\n"
+         "    lc = plan.lora_config(anatomy)  # the peft LoraConfig the run uses: print(lc) shows all its fields\n"
+         "    targets = [lc.target_modules] if isinstance(lc.target_modules, str) else sorted(lc.target_modules)\n"
+         "    more = f\" (+{len(targets) - 4} more)\" if len(targets) > 4 else \"\"\n"
+         "    print(f\"LoraConfig: rank {lc.r}, alpha {lc.lora_alpha:g} \"\n"
+         "          f\"(updates scaled by alpha/r = {lc.lora_alpha / lc.r:g}), \"\n"
+         "          f\"dropout {lc.lora_dropout:g}\\n  on {', '.join(targets[:4])}{more} \"\n"
+         "          f\"in blocks {lc.layers_to_transform or 'all'}\")\n"
+         "else:\n"
+         "    print('full training')"),
     md("## Presets side by side\n\n"
        "The same model, five ways to fine-tune it: trainable parameters and the estimated memory for "
        "batch 8 x 128 tokens in fp32 (weights + gradients + AdamW states + activations)."),
@@ -542,14 +660,61 @@ NOTEBOOKS["07_peft_methods.ipynb"] = [
 ]
 
 
+# ---- the header every notebook starts with: what you will learn, and its measured time ----------------
+LEARN = {
+    "00_start_here.ipynb": "whether this laptop is ready (libraries, CPU/GPU, memory, the bundled model), what "
+                           "sftkit will run where and why, and how a chat model's prompt format looks.",
+    "00_quickstart.ipynb": "the whole fine-tuning loop once: the loss mask, a layer plan, a run you watch, what "
+                           "changed inside the model, and whether the fine-tune beat the prompt (with a 95% interval).",
+    "01_prompt_builder.ipynb": "how a training example becomes tokens, which of them are trained (the loss mask), "
+                               "and how well prompting alone does: the number a fine-tune has to beat.",
+    "02_layer_picker.ipynb": "what a transformer block is made of, what LoRA / full / freeze plans train, and how "
+                             "many parameters and how much memory each costs (estimated, then measured).",
+    "03_attention.ipynb": "how to read attention maps (heads, sinks, previous-token heads) and which heads a "
+                          "short fine-tune changed.",
+    "04_training.ipynb": "how a run works (one folder, one process): start, watch, stop, resume, use the adapter, "
+                         "export the YAML, compare runs, merge.",
+    "05_prompt_vs_finetune.ipynb": "how to decide between a prompt and a fine-tune: paired statistics on the same "
+                                   "items, verdicts with intervals, and what the fine-tune cost elsewhere.",
+    "06_feedback.ipynb": "how ratings become preference pairs, how DPO trains from them, and how to check the "
+                         "result honestly on prompts nobody rated.",
+    "07_peft_methods.ipynb": "what each PEFT family (adapters, soft prompts, LoRA, BitFit) trains and costs, and how "
+                             "they compare on one task with one budget.",
+}
+TIMINGS = Path(__file__).resolve().with_name("timings.json")  # written by lab/time_notebooks.py, never by hand
+
+
+def measured_time(name: str, timings: dict, device: str) -> str:
+    """The measured full-profile time of ``name`` on ``device`` in words, or "not measured"."""
+    t = timings.get("notebooks", {}).get(name, {}).get(device)
+    if not t:
+        return "not measured"
+    return f"{t['seconds'] / 60:.1f} min (measured {t['date']} on {t['machine']})"
+
+
+def header(name: str, timings: dict) -> str:
+    return (f"**What you will learn:** {LEARN[name]}\n\n"
+            f"**Time, top to bottom:** CPU: {measured_time(name, timings, 'cpu')}; "
+            f"GPU: {measured_time(name, timings, 'gpu')}. "
+            "(`python lab/time_notebooks.py` measures it; the teacher's kit is `lab/README.md`.)")
+
+
+def load_timings() -> dict:
+    import json
+
+    return json.loads(TIMINGS.read_text()) if TIMINGS.is_file() else {}
+
+
 OUT_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 
 
 def build() -> dict:
     """The notebooks, in memory: file name -> nbformat notebook (what ``main`` writes)."""
     notebooks = {}
+    timings = load_timings()
     for name, nb_cells in NOTEBOOKS.items():
         nb_cells = copy.deepcopy(nb_cells)
+        nb_cells[0].source += "\n\n" + header(name, timings)  # in the title cell: no cell moves
         for i, cell in enumerate(nb_cells):
             cell.id = f"{Path(name).stem[:2]}-{i:02d}"  # stable ids: regenerating changes nothing
         nb = nbf.v4.new_notebook(cells=nb_cells)

@@ -6,6 +6,7 @@ the converted default model, so a test run leaves nothing in notebooks/ or the u
 """
 
 import json
+import re
 from pathlib import Path
 
 import nbformat
@@ -172,3 +173,32 @@ def test_peft_methods_notebook_runs_the_shootout_and_reads_the_table(workdir, mo
     assert len(list((workdir / "runs" / "shootouts").glob("*.json"))) == 1
     assert (workdir / "exports" / "prompt-adapter" / "adapter_config.json").is_file()
     assert list((workdir / "exports" / "ia3-merged").glob("*.safetensors"))
+
+
+@pytest.mark.slow
+def test_quickstart_runs_the_whole_loop_and_ends_with_the_verdict(workdir, monkeypatch):
+    monkeypatch.setenv("SFTKIT_NOTEBOOK_STEPS", "3")
+    monkeypatch.setenv("SFTKIT_NOTEBOOK_ITEMS", "8")
+    nb = run_notebook("00_quickstart.ipynb", workdir)
+    views = [o["data"]["application/vnd.jupyter.widget-view+json"] for c in nb.cells for o in c.get("outputs", [])
+             if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    assert len(views) == 5, "the builder, the picker, the launcher, the attention view and the comparison"
+    text = outputs_text(nb)
+    assert "YYYY-MM-DD" in text and "finished\n" in text and "finished 3 steps" in text
+    assert "the head that moved most: layer" in text
+    # the verdict table: every variant's score with its interval, then the paired verdicts
+    for name in ("zero-shot", "few-shot", "fine-tune"):
+        assert re.search(rf"^{name} +\d+% +\d+% to \d+%$", text, re.M), (name, text[-2000:])
+    assert "on 8 fresh items" in text
+    verdicts = [line for line in text.splitlines() if "fine-tune" in line and " on 8 items" in line]
+    assert len(verdicts) == 2 and "few-shot" in verdicts[0] and "zero-shot" in verdicts[1], text[-2000:]
+    run = next(p for p in (workdir / "runs").iterdir() if p.name.endswith("-quickstart"))
+    assert (run / "adapter" / "adapter_config.json").is_file()
+    assert (run / "compare" / "compare.jsonl").is_file()
+    assert any(json.loads(line).get("event") == "sample" for line in (run / "events.jsonl").read_text().splitlines())
+
+
+def test_every_notebook_header_says_what_you_learn_and_its_time():
+    for path in sorted(NOTEBOOKS.glob("*.ipynb")):
+        first = nbformat.read(str(path), as_version=4).cells[0].source
+        assert "**What you will learn:**" in first and "**Time, top to bottom:** CPU: " in first, path.name
