@@ -18,6 +18,7 @@ import plotly.graph_objects as go
 from ..core.errors import SftkitError
 from ..engine.attention import AttentionCapture, AttentionDiff, AttentionTooLargeError
 from . import figures
+from .help import add_tips
 from .render import error_html
 
 
@@ -92,7 +93,9 @@ class AttentionView:
         for layer in cap.layers:
             row = [W.Label(str(layer), layout=W.Layout(width="44px"))]
             for h in range(H):
-                b = W.Button(layout=W.Layout(width="46px", height="20px", margin="1px"))
+                # no padding and a small font: the value (".52") fits the cell instead of turning into "..."
+                b = W.Button(layout=W.Layout(width="46px", height="20px", margin="1px", padding="0px"))
+                b.style.font_size = "11px"
                 b.on_click(lambda _, layer=layer, h=h: self._guard(self.select, layer, h))
                 self.cells[(layer, h)] = b
                 row.append(b)
@@ -101,6 +104,7 @@ class AttentionView:
         self.heatmap = go.FigureWidget(figures.heatmap_figure(np.zeros((1, 1)), ["0"], diverging=self.diff))
         self.row_plot = go.FigureWidget(figures.row_figure(np.zeros(1), ["0"], diverging=self.diff))
 
+        add_tips(self)
         self.summary.observe(lambda _: self._guard(self.refresh_grid), names="value")
         for w in (self.layer, self.head, self.window_start):
             w.observe(lambda _: self._guard(self.refresh_map), names="value")

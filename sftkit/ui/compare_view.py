@@ -20,6 +20,7 @@ import plotly.graph_objects as go
 
 from ..state.comparison import FAILED, FILTERS, PROGRESS, RESULT, ComparisonSession
 from . import compare_figures as F
+from .help import add_tips
 from .render import error_html
 
 
@@ -52,6 +53,7 @@ class CompareView:
         for control in (self.filter, self.a, self.b):
             control.observe(lambda _: self._guard(self._first_page), "value")
         self.page.observe(lambda _: self._guard(self.draw_items), "value")
+        add_tips(self)
         self.session.on_change(self._on_event)
         self.widget = W.VBox([
             W.HBox([self.stop_button, self.progress, self.progress_label]), self.message, self.charts,

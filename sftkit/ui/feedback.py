@@ -20,6 +20,7 @@ import ipywidgets as W
 import traitlets
 
 from ..state.feedback import FAILED, PROGRESS, SAMPLING, FeedbackSession
+from .help import add_tips
 from .render import error_html
 
 LETTERS = "ABCD"
@@ -120,6 +121,7 @@ class FeedbackCollector:
             button.on_click(lambda _, act=action: self._guard(act))
         for control in (self.k, self.temperature, self.top_p):
             control.observe(lambda _: self._guard(self._settings), "value")
+        add_tips(self)
         s.on_change(self._on_event)
         self.widget = W.VBox([
             W.HBox([self.k, self.temperature, self.top_p, self.stop_button]),
@@ -252,7 +254,8 @@ class FeedbackCollector:
                               f"white-space:pre-wrap;min-width:320px'><b>{label}{rank}{thumb}:</b> "
                               f"{html.escape(text) or '<i>(empty)</i>'}</div>")
                 pick = W.Button(description=f"{label} first" if many else f"{label} better",
-                                layout=W.Layout(width="90px"))
+                                layout=W.Layout(width="90px"),
+                                tooltip=f"{label} next in your ranking" if many else f"{label} is the better answer")
                 pick.on_click(lambda _, i=i: self._guard(lambda: self._pick(i)))
                 up = W.Button(icon="thumbs-up", tooltip=f"{label} is good", layout=W.Layout(width="40px"))
                 down = W.Button(icon="thumbs-down", tooltip=f"{label} is bad", layout=W.Layout(width="40px"))

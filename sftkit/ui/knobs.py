@@ -14,9 +14,9 @@ def knob_widget(dotted: str, value, style, layout) -> W.Widget:
 
     spec = knob_spec(dotted)
     label = spec.label + (f" (0: {spec.null_means})" if spec.kind == "int" and spec.nullable else "")
-    common = dict(description=label, style=style, layout=layout, description_tooltip=spec.help)
+    common = dict(description=label, style=style, layout=layout, tooltip=spec.help)
     if spec.kind == "bool":
-        return W.Checkbox(value=bool(value), description=spec.label, indent=False, description_tooltip=spec.help)
+        return W.Checkbox(value=bool(value), description=spec.label, indent=False, tooltip=spec.help)
     if spec.kind == "choice":
         return W.Dropdown(options=list(spec.choices), value=value, **common)
     # a widget's range always covers the current value: a widget never clamps a valid setting silently

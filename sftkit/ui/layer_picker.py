@@ -14,6 +14,7 @@ from ..core.plan import PRESETS
 from ..core.runconfig import knob_spec
 from ..engine.freeze import FreezePlan
 from ..state.plan_editor import GROUPS, PLAN, PlanEditor
+from .help import add_tips
 from .render import error_html
 
 COLOURS = {"off": "#e5e7eb", "lora": "#86efac", "full": "#fdba74", "ia3": "#93c5fd", "prompt": "#c4b5fd"}
@@ -117,6 +118,7 @@ class LayerPicker:
         for name, setter in setters.items():
             getattr(self, name).observe(lambda ch, f=setter: None if self._syncing else self._guard(f, ch["new"]),
                                         names="value")
+        add_tips(self)
         self.apply_preset_button.on_click(lambda _: self._guard(self.apply_preset))
         ed.on_change(self._redraw)
 

@@ -17,6 +17,7 @@ import ipywidgets as W
 from ..core.template import Template
 from ..state.prompt_draft import EXAMPLES, HELP, MODES, PromptDraft, error_text
 from . import render
+from .help import add_tips
 
 
 def _from_draft(name: str) -> property:
@@ -65,6 +66,7 @@ class PromptBuilder:
         self._timer: threading.Timer | None = None
         self._shown = None  # the draft's Preview the preview widget shows
         self._make_controls()
+        add_tips(self)
         self._bind()
         self.widget = W.VBox([
             W.HTML("<b>Prompt template</b>"), self.system, self.pattern,
@@ -169,7 +171,8 @@ class PromptBuilder:
         for i, ex in enumerate(d.examples):
             inputs = []
             for f, value in ex.items():
-                t = W.Text(value=value, description=f, layout=W.Layout(width="45%"))
+                t = W.Text(value=value, description=f, layout=W.Layout(width="45%"),
+                           tooltip=f"this example's {f}: the model sees it as an earlier, solved turn")
                 t.observe(self._guard(lambda ch, i=i, f=f: self._change(
                     lambda refresh: d.edit_example(i, f, ch["new"], refresh=refresh), typed=True)), names="value")
                 inputs.append(t)

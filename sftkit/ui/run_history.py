@@ -14,6 +14,7 @@ import plotly.graph_objects as go
 from ..core.runconfig import config_diff
 from ..core.runstore import RunStore
 from . import run_figures
+from .help import add_tips
 
 
 def _seconds(v) -> str:
@@ -56,6 +57,7 @@ class RunHistory:
         self.table = W.HTML()
         self.picker = W.SelectMultiple(description="runs", rows=6, layout=W.Layout(width="520px"))
         self.reload_button = W.Button(description="Reload", icon="refresh")
+        add_tips(self)
         self.reload_button.on_click(lambda _: self.reload())
         self.picker.observe(lambda _: self.show(), "value")
         self.figure = go.FigureWidget(run_figures.overlay_figure({}))

@@ -17,6 +17,7 @@ from ..core.runproto import ACTIVE_STATES
 from ..core.runstore import RunFolder
 from ..core.template import Template
 from ..state.run_monitor import RunControl
+from .help import add_tips
 from .knobs import knob_value, knob_widget
 from .render import error_html
 from .run_view import RunView
@@ -96,6 +97,7 @@ class RunLauncher:
         for button, action in ((self.start_button, self.start), (self.stop_button, self.stop),
                                (self.resume_button, self.resume), (self.export_button, self.export_yaml)):
             button.on_click(lambda _, act=action: self._guard(act))
+        add_tips(self)
         toggles = [w for w in self.knobs.values() if isinstance(w, W.Checkbox)]
         fields = [w for w in self.knobs.values() if not isinstance(w, W.Checkbox)]
         config_box = W.VBox([W.HTML("<b>Main knobs</b> (the rest: <code>launcher.config</code>)"), *fields,

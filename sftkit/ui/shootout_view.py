@@ -14,6 +14,7 @@ import ipywidgets as W
 import plotly.graph_objects as go
 
 from ..state.shootout import FAILED, RESULT, ShootoutSession
+from .help import add_tips
 from .render import error_html
 
 COLUMNS = ("method", "trainable", "% of model", "peak memory", "tokens/s", "minutes", "eval loss", "score [95% CI]",
@@ -79,6 +80,7 @@ class ShootoutView:
         self._poll_s = poll_s
         self.start_button.on_click(lambda _: self._guard(self.start))
         self.stop_button.on_click(lambda _: self._guard(self.session.stop))
+        add_tips(self)
         self.session.on_change(lambda event: self._guard(self.redraw, event))
         self.widget = W.VBox([W.HTML("<b>Method shoot-out</b>: the same rows, steps and seed for every PEFT method"),
                               W.HBox([self.start_button, self.stop_button]), self.status, self.figure,
