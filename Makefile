@@ -24,7 +24,7 @@ ifneq ($(strip $(WHEELS)),)
 OFFLINE := PIP_NO_INDEX=1 PIP_FIND_LINKS="$(abspath $(WHEELS))"
 endif
 
-.PHONY: install lab test doctor clean-venv wheelhouse screenshots timings
+.PHONY: install lab notebook test doctor clean-venv wheelhouse screenshots timings
 
 install: $(STAMP)
 
@@ -38,6 +38,10 @@ $(STAMP): pyproject.toml Makefile
 
 lab: install
 	bash lab/start.sh
+
+# the same notebooks in the Notebook 7 interface (`jupyter notebook`)
+notebook: install
+	SFTKIT_FRONTEND=notebook bash lab/start.sh
 
 test: install
 	bash .ci/browser-deps.sh

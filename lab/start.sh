@@ -33,6 +33,15 @@ EXTRA=()
 if [ "$(id -u)" = 0 ]; then EXTRA+=(--allow-root); fi
 
 cd "$ROOT/notebooks"
+# SFTKIT_FRONTEND=notebook (`make notebook`): the classic-looking Notebook 7 interface instead of JupyterLab.
+if [ "${SFTKIT_FRONTEND:-lab}" = notebook ]; then
+    exec "$BIN/jupyter" notebook \
+        --ServerApp.ip=127.0.0.1 \
+        --ServerApp.root_dir="$ROOT/notebooks" \
+        --ServerApp.open_browser="$OPEN_BROWSER" \
+        --JupyterNotebookApp.user_settings_dir="$STATE/user-settings" \
+        "${EXTRA[@]}" "$@"
+fi
 exec "$BIN/jupyter" lab \
     --ServerApp.ip=127.0.0.1 \
     --ServerApp.root_dir="$ROOT/notebooks" \

@@ -60,7 +60,23 @@ def _tree_state() -> set[str] | None:
     if out.returncode != 0:
         return None
     return {line[3:] for line in out.stdout.splitlines()
-            if not any(part in line for part in _EXPECTED) and not line[3:].startswith(".venv/")}
+            if not any(part in line for part in _EXPECTED) and not line[3:].startswith(".venv/")
+            and not (_SHOTS and line[3:].startswith(_SHOTS))}
+
+
+def _screenshots_folder() -> str | None:
+    """`make screenshots` asks for the browser tests' pictures in the repository (SFTKIT_SCREENSHOTS):
+    the one folder the tests may then change."""
+    folder = os.environ.get("SFTKIT_SCREENSHOTS")
+    if not folder:
+        return None
+    try:
+        return Path(folder).resolve().relative_to(REPO.resolve()).as_posix().rstrip("/") + "/"
+    except ValueError:
+        return None  # outside the repository: the guard has nothing to allow
+
+
+_SHOTS = _screenshots_folder()
 
 
 def pytest_sessionstart(session):

@@ -119,7 +119,8 @@ def project_copy(folder: Path) -> Path:
 @contextlib.contextmanager
 def running_lab(folder: Path, cache: Path, **extra_env: str):
     """lab/start.sh of a project copy in ``folder``; yields base URL, token, log and the notebooks folder.
-    ``extra_env``: more environment for the server and its kernels (e.g. the notebooks' fast profile)."""
+    ``extra_env``: more environment for the server and its kernels (e.g. the notebooks' fast profile;
+    SFTKIT_FRONTEND="notebook" starts the Notebook 7 interface instead of JupyterLab)."""
     port = free_port()
     log = folder / "lab.log"
     env = dict(os.environ, CI="true", VENV=str(ROOT / ".venv"), SFTKIT_CACHE_DIR=str(cache), **extra_env)
@@ -130,7 +131,7 @@ def running_lab(folder: Path, cache: Path, **extra_env: str):
         deadline = time.time() + 120
         url = None
         while time.time() < deadline and url is None:
-            m = re.search(r"(http://127\.0\.0\.1:%d/lab\?token=([0-9a-f]+))" % port, log.read_text())
+            m = re.search(r"(http://127\.0\.0\.1:%d/(?:lab|tree)\?token=([0-9a-f]+))" % port, log.read_text())
             if m:
                 url, token = m.group(1), m.group(2)
             elif proc.poll() is not None:
@@ -147,6 +148,19 @@ def running_lab(folder: Path, cache: Path, **extra_env: str):
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
+
+
+def keep_screenshot(target, name: str, folder: Path) -> Path:
+    """A PNG of ``target`` (a playwright page or locator) as ``folder/name.png``; when SFTKIT_SCREENSHOTS names
+    a folder (`make screenshots`: docs/screenshots) it is copied there too, so the README's pictures come
+    from the real browser run. Without the variable nothing is written outside ``folder``."""
+    path = Path(folder) / f"{name}.png"
+    target.screenshot(path=str(path))
+    keep = os.environ.get("SFTKIT_SCREENSHOTS")
+    if keep:
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, Path(keep) / path.name)
+    return path
 
 
 def in_ci() -> bool:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import linked_cache, missing_piece, project_copy, running_lab, wait_for
+from helpers import keep_screenshot, linked_cache, missing_piece, project_copy, running_lab, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium")
@@ -77,6 +77,13 @@ def open_alone(page, lab, notebook: str, workspace: str):
     panel.locator(".jp-Cell").first.wait_for(timeout=60_000)
     page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").first.wait_for(timeout=60_000)
     return panel
+
+
+def widget_output(panel, page, inside: str):
+    """The output area of the open notebook that holds ``inside`` (a CSS selector): one widget, scrolled into view."""
+    out = panel.locator(".jp-OutputArea-output").filter(has=page.locator(inside)).first
+    out.scroll_into_view_if_needed()
+    return out
 
 
 def run_all(page):
@@ -143,6 +150,7 @@ def test_prompt_builder_renders_updates_as_you_type_and_answers(lab, page, tmp_p
         page.screenshot(path="/tmp/sftkit-builder-failure.png", full_page=True)
         raise
     page.screenshot(path=str(tmp_path / "builder.png"), full_page=True)
+    keep_screenshot(widget_output(panel, page, ".sftkit-tok"), "prompt_builder", tmp_path)
 
 
 def test_layer_picker_renders_and_a_click_changes_the_count(lab, page, tmp_path):
@@ -158,6 +166,7 @@ def test_layer_picker_renders_and_a_click_changes_the_count(lab, page, tmp_path)
     cell.click()
     panel.locator(".sftkit-counters", has_text="1,876,992").first.wait_for(timeout=30_000)  # + 16 x (576+1536)
     page.screenshot(path=str(tmp_path / "picker.png"))
+    keep_screenshot(widget_output(panel, page, ".sftkit-counters"), "layer_picker", tmp_path)
 
 
 def test_attention_view_renders_heatmap_and_a_grid_click_opens_a_head(lab, page, tmp_path):
@@ -175,7 +184,12 @@ def test_attention_view_renders_heatmap_and_a_grid_click_opens_a_head(lab, page,
     panel.locator(".gtitle", has_text="layer 12, head 4").first.wait_for(timeout=30_000)
     panel.locator(".js-plotly-plot .heatmaplayer image, .js-plotly-plot .hm").first.wait_for(
         state="attached", timeout=30_000)
+    # the grid is readable: every cell's value fits its button (no "..." from an overflowing label)
+    clipped = panel.locator("button[title^='layer ']").evaluate_all(
+        "els => els.filter(e => e.scrollWidth > e.clientWidth + 1).map(e => e.title)")
+    assert panel.locator("button[title^='layer ']").count() == 30 * 9 and not clipped, clipped[:5]
     page.screenshot(path=str(tmp_path / "attention.png"))
+    keep_screenshot(widget_output(panel, page, ".js-plotly-plot"), "attention", tmp_path)
 
 
 def test_run_launcher_start_grows_the_loss_curve_and_stop_ends_it(lab, page, tmp_path):
@@ -195,6 +209,9 @@ def test_run_launcher_start_grows_the_loss_curve_and_stop_ends_it(lab, page, tmp
         line = panel.locator(".js-plotly-plot .scatterlayer .trace path.js-line").first
         line.wait_for(state="attached", timeout=30_000)
         assert re.match(r"^M[^L]*L", line.get_attribute("d") or ""), line.get_attribute("d")
+        if os.environ.get("SFTKIT_SCREENSHOTS"):  # the README's picture: mid-run, with the first samples
+            panel.locator(".widget-html", has_text="(target ").first.wait_for(timeout=300_000)
+        keep_screenshot(widget_output(panel, page, ".js-plotly-plot"), "run_launcher", tmp_path)
         panel.locator("button", has_text="Stop").first.click()
         status = panel.locator(".widget-html", has_text="stopped at step").first
         status.wait_for(timeout=120_000)
@@ -246,6 +263,9 @@ def test_compare_view_renders_the_summary_chart_and_the_per_item_table(lab, page
         page.screenshot(path="/tmp/sftkit-compare-failure.png", full_page=True)
         raise
     page.screenshot(path=str(tmp_path / "compare.png"), full_page=True)
+    panel.locator(".widget-dropdown select").first.select_option("all")
+    panel.locator(".widget-label", has_text="(8 items)").first.wait_for(timeout=30_000)
+    keep_screenshot(widget_output(panel, page, "table.sftkit-compare-items"), "compare", tmp_path)
 
 
 
@@ -282,6 +302,7 @@ def test_feedback_collector_rates_two_items_by_clicking(lab, page, tmp_path):
         page.screenshot(path="/tmp/sftkit-feedback-failure.png", full_page=True)
         raise
     page.screenshot(path=str(tmp_path / "feedback.png"), full_page=True)
+    keep_screenshot(widget_output(panel, page, ".sftkit-feedback-count"), "feedback", tmp_path)
 
 
 # ---- the guard against skipping in CI ------------------------------------------------------
