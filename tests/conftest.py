@@ -8,6 +8,8 @@ import pytest
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 REPO = Path(__file__).resolve().parents[1]
+# the tree the session-end guard watches (tests/test_tree_guard.py points it at a scratch repository)
+REPO = Path(os.environ.get("SFTKIT_TREE_GUARD_REPO") or REPO)
 # the converted default model lives in the user's sftkit cache (`make test` converts it once);
 # everything else a test makes (device locks, temporary folders) goes to a cache of its own
 from sftkit.core.paths import models_cache_dir  # noqa: E402
