@@ -389,3 +389,39 @@ def test_browser_deps_script_checks_playwright_under_ci(tmp_path):
     (venv / "bin" / "python").chmod(0o755)
     out = browser_deps(path, "true", VENV=str(venv))
     assert out.returncode != 0 and "playwright" in out.stderr, out.stderr
+
+
+@pytest.fixture(scope="module")
+def fast_lab(browser_ready, tmp_path_factory, default_model_folder):
+    """A lab whose notebooks run their fast profile (3 steps per run, 8 held-out items)."""
+    work = tmp_path_factory.mktemp("browser-lab-fast")
+    cache = linked_cache(work / "cache", default_model_folder)
+    with running_lab(project_copy(work / "project"), cache, SFTKIT_NOTEBOOK_ITEMS="8",
+                     SFTKIT_NOTEBOOK_STEPS="3") as info:
+        yield info
+
+
+def test_shootout_view_renders_the_table_and_every_methods_curve(fast_lab, page, tmp_path):
+    panel = open_alone(page, fast_lab, "07_peft_methods.ipynb", "shootout-test")
+    run_all(page)
+    try:
+        wait_for_all_cells(page, timeout=900_000)  # seven runs of 3 steps, then one scoring pass
+        live = panel.locator(".jp-OutputArea-output").filter(has=page.locator(".widget-button", has_text="Start")).first
+        live.scroll_into_view_if_needed(timeout=30_000)  # JupyterLab draws only the cells in view
+        table = live.locator("table.sftkit-shootout-table").first
+        table.wait_for(timeout=60_000)
+        rows = table.locator("tr")
+        assert rows.count() == 1 + 7  # header + one row per method
+        names = [" ".join(rows.nth(i).locator("td").first.text_content().split()) for i in range(1, 8)]
+        assert names == ["LoRA", "DoRA", "IA3", "prompt tuning", "prefix tuning", "LLaMA-Adapter", "BitFit"], names
+        text = table.text_content()
+        assert "best" in text and "%" in text, text
+        chart = live.locator(".js-plotly-plot", has=page.locator(".gtitle", has_text="training loss, every method")).first
+        chart.wait_for(timeout=30_000)
+        assert chart.locator(".scatterlayer .trace").count() == 7
+        # the reopened view's static copy is in the notebook too
+        assert panel.locator("table.sftkit-shootout-table").count() >= 2
+    except Exception:
+        page.screenshot(path="/tmp/sftkit-shootout-failure.png", full_page=True)
+        raise
+    page.screenshot(path=str(tmp_path / "shootout.png"), full_page=True)
