@@ -467,14 +467,33 @@ def _stop_ids(model, tokenizer) -> set[int]:
     return {int(i) for i in ids}
 
 
+def _active_peft_type(model) -> str:
+    """The active adapter's peft type ("" for a plain model or with the adapters disabled)."""
+    try:
+        return str(model.active_peft_config.peft_type).rsplit(".", 1)[-1]
+    except (AttributeError, KeyError, TypeError):
+        return ""
+
+
+# Measured with peft 0.21.2 / transformers 5.24: greedy generation through the KV cache goes wrong after the
+# first token with prompt tuning, p-tuning and prefix tuning (a run whose teacher-forced eval loss is 0.04
+# answered 0 of 40 items); without the cache the answers are right. Prefix tuning also goes wrong with left
+# padding, so its rows are generated one at a time.
+NO_CACHE_TYPES = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")
+
+
 def _generate(model, tokenizer, prompts: list[str], max_new_tokens: int) -> tuple[list[str], list[int], float]:
     import torch
 
+    kind = _active_peft_type(model)
+    if kind == "PREFIX_TUNING" and len(prompts) > 1:
+        parts = [_generate(model, tokenizer, [p], max_new_tokens) for p in prompts]
+        return [t for p in parts for t in p[0]], [c for p in parts for c in p[1]], sum(p[2] for p in parts)
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     started = time.perf_counter()
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=_pad_id(tokenizer),
-                             eos_token_id=sorted(_stop_ids(model, tokenizer)))
+                             eos_token_id=sorted(_stop_ids(model, tokenizer)), use_cache=kind not in NO_CACHE_TYPES)
     seconds = time.perf_counter() - started
     new = out[:, enc["input_ids"].shape[1]:].tolist()
     stops = _stop_ids(model, tokenizer)
