@@ -217,7 +217,10 @@ def gemm_rate(device: str, size: int = 1536, reps: int = 20) -> float:
 
 def spawn(job: dict) -> dict:
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(job)], capture_output=True, text=True,
+    spec = Path(job["out"] + ".job.json")  # the rows are too long for a command line
+    spec.parent.mkdir(parents=True, exist_ok=True)
+    spec.write_text(json.dumps(job))
+    proc = subprocess.run([sys.executable, __file__, "--child", str(spec)], capture_output=True, text=True,
                           env=env, timeout=3600)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if proc.returncode != 0 or line is None:
@@ -269,7 +272,7 @@ def main():
     parser.add_argument("--child")
     args = parser.parse_args()
     if args.child:
-        return child(json.loads(args.child))
+        return child(json.loads(Path(args.child).read_text()))
 
     import torch
 
