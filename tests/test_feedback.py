@@ -110,7 +110,8 @@ def test_pairs_round_trip_to_the_trl_format(tmp_path, tiny_llama_dir):
     from datasets import load_dataset
     from transformers import AutoTokenizer
 
-    from sftkit.core.preferences import PreferenceStore, check_preference_rows, trl_features
+    from sftkit.core.preferences import PreferenceStore, check_preference_rows
+    from sftkit.engine.preference import trl_features
     from sftkit.engine.preference import preference_examples
 
     tpl = dates_template()

@@ -344,7 +344,7 @@ class PreferenceStore:
         ``rejected`` (one assistant message each) for dpo, ``completion`` + ``label`` for kto.
 
         ``.parquet``: exact types, ``datasets.load_dataset("parquet", data_files=path)`` gives back the same
-        strings. ``.jsonl``: one object a line; load it with ``features=trl_features(objective)`` (pyarrow's
+        strings. ``.jsonl``: one object a line; load it with ``features=sftkit.engine.preference.trl_features(objective)`` (pyarrow's
         JSON reader turns date-like answers such as ``2021-03-05`` into timestamps otherwise)."""
         from .atomic import write_text_atomic
 
@@ -376,16 +376,6 @@ def to_trl(template: Template, row: dict, objective: str = "dpo") -> dict:
     if objective == "dpo":
         return {"prompt": prompt, "chosen": answer(row["chosen"]), "rejected": answer(row["rejected"])}
     return {"prompt": prompt, "completion": answer(row["completion"]), "label": bool(row["label"])}
-
-
-def trl_features(objective: str = "dpo"):
-    """The ``datasets.Features`` of ``export_trl``'s file (every content a string, the label a bool)."""
-    from datasets import Features, Value
-
-    message = [{"role": Value("string"), "content": Value("string")}]
-    if objective == "dpo":
-        return Features({"prompt": message, "chosen": message, "rejected": message})
-    return Features({"prompt": message, "completion": message, "label": Value("bool")})
 
 
 def scorer_pairs(candidates: Sequence[str], scores: Sequence[float]) -> list[tuple[str, str]]:

@@ -60,6 +60,10 @@ def generate_text(model, tokenizer, prompt: str, *, max_new_tokens: int = 64,
                   pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
     if do_sample:
         kwargs["temperature"] = temperature
+    from .compare import NO_CACHE_TYPES, _active_peft_type
+
+    if _active_peft_type(model) in NO_CACHE_TYPES:  # soft prompts and prefixes generate wrongly through the cache
+        kwargs["use_cache"] = False
     with torch.no_grad():
         out = model.generate(**enc, streamer=_streamer(tokenizer, on_text),
                              stopping_criteria=_stopping(stop_event), **kwargs)

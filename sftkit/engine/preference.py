@@ -302,3 +302,13 @@ def preference(cfg: RunConfig, run: RunFolder, writer: RunWriter | None, rows: R
         _warn(ctx, trainer.state.global_step, preference_warnings(None, run.metrics()))
     _drop_reference(trainer.model)
     return finish(cfg, ctx, trainer, parts, data, started=started)
+
+
+def trl_features(objective: str = "dpo"):
+    """The ``datasets.Features`` of ``export_trl``'s file (every content a string, the label a bool)."""
+    from datasets import Features, Value
+
+    message = [{"role": Value("string"), "content": Value("string")}]
+    if objective == "dpo":
+        return Features({"prompt": message, "chosen": message, "rejected": message})
+    return Features({"prompt": message, "completion": message, "label": Value("bool")})
