@@ -111,8 +111,7 @@ def test_pairs_round_trip_to_the_trl_format(tmp_path, tiny_llama_dir):
     from transformers import AutoTokenizer
 
     from sftkit.core.preferences import PreferenceStore, check_preference_rows
-    from sftkit.engine.preference import trl_features
-    from sftkit.engine.preference import preference_examples
+    from sftkit.engine.preference import preference_examples, trl_features
 
     tpl = dates_template()
     store = PreferenceStore(tmp_path / "fb", tpl)

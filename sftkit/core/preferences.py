@@ -344,8 +344,9 @@ class PreferenceStore:
         ``rejected`` (one assistant message each) for dpo, ``completion`` + ``label`` for kto.
 
         ``.parquet``: exact types, ``datasets.load_dataset("parquet", data_files=path)`` gives back the same
-        strings. ``.jsonl``: one object a line; load it with ``features=sftkit.engine.preference.trl_features(objective)`` (pyarrow's
-        JSON reader turns date-like answers such as ``2021-03-05`` into timestamps otherwise)."""
+        strings. ``.jsonl``: one object a line; load it with
+        ``features=sftkit.engine.preference.trl_features(objective)`` (pyarrow's JSON reader turns
+        date-like answers such as ``2021-03-05`` into timestamps otherwise)."""
         from .atomic import write_text_atomic
 
         tpl = template or self.template
