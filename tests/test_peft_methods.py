@@ -289,3 +289,23 @@ def test_memory_estimate_of_each_method_matches_measurement_on_the_default_model
     assert est.gradients == pytest.approx(m.gradients, rel=0.01)
     assert est.optimizer == pytest.approx(m.optimizer, rel=0.01)
     assert est.activations == pytest.approx(m.activations, rel=ACTIVATION_TOLERANCE)
+
+
+# ---- review fixes: the shoot-out ---------------------------------------------------------------------------------
+def test_stopped_shootout_still_scores_the_methods_that_finished(tiny_llama_dir, tmp_path, cache):
+    import threading
+
+    from sftkit.engine.shootout import Budget, compare_methods, latest_shootout
+
+    stop = threading.Event()
+
+    def on_run(method, run):
+        if method.name == "IA3":  # Stop pressed as the second method starts: LoRA finished, BitFit never starts
+            stop.set()
+
+    result = compare_methods("dates", ["LoRA", "IA3", "BitFit"], Budget(steps=2, batch_size=4, rows=40, eval_items=4),
+                             model=str(tiny_llama_dir), store=tmp_path / "runs", stop=stop, on_run=on_run)
+    rows = {r["method"]: r for r in result.methods}
+    assert "BitFit" not in rows and not result.complete
+    assert rows["LoRA"]["state"] == "finished" and rows["LoRA"]["n"] == 4 and rows["LoRA"]["score"] is not None
+    assert latest_shootout(tmp_path / "runs").methods[0]["score"] == rows["LoRA"]["score"]

@@ -303,7 +303,10 @@ def compare_methods(task: str = "dates", methods: Sequence[Method | str] | None 
     trained = _train(cfgs, progress, stop, on_run)
     if progress is not None:
         progress("scoring every method on the same held-out items")
-    comparison, base_params = score_runs(task, trained, items=budget.eval_items, seed=budget.seed, stop=stop)
+    # Stop ends the training; the runs that finished (or stopped with their adapter) are still scored, with a
+    # stop event of their own: the one already set would end the comparison before its first item
+    scoring_stop = threading.Event() if stop is not None and stop.is_set() else stop
+    comparison, base_params = score_runs(task, trained, items=budget.eval_items, seed=budget.seed, stop=scoring_stop)
     rows, curves = [], {}
     summary = comparison.summary() if comparison is not None else {}
     for method, run in trained:
