@@ -309,3 +309,15 @@ def test_stopped_shootout_still_scores_the_methods_that_finished(tiny_llama_dir,
     assert "BitFit" not in rows and not result.complete
     assert rows["LoRA"]["state"] == "finished" and rows["LoRA"]["n"] == 4 and rows["LoRA"]["score"] is not None
     assert latest_shootout(tmp_path / "runs").methods[0]["score"] == rows["LoRA"]["score"]
+
+
+def test_shootout_text_shows_a_dash_for_a_method_that_failed_before_it_started():
+    from sftkit.engine.shootout import Shootout
+
+    failed = {"method": "IA3", "state": "failed", "trainable": None, "trainable_percent": None}
+    ok = {"method": "LoRA", "state": "finished", "trainable": 1234, "trainable_percent": 0.5, "score": 0.5,
+          "score_ci": [0.25, 0.75]}
+    text = Shootout(task="dates", budget={}, methods=[ok, failed]).text()
+    assert "1,234" in text and "0.500" in text and "50.0 [25.0, 75.0]" in text
+    line = next(x for x in text.splitlines() if x.startswith("IA3"))
+    assert line.split()[1:3] == ["-", "-"]

@@ -120,7 +120,7 @@ class Shootout:
         for r in self.methods:
             ci = r.get("score_ci") or [None, None]
             score = "-" if r.get("score") is None else f"{100 * r['score']:.1f} [{_pct(ci[0])}, {_pct(ci[1])}]"
-            lines.append((r["method"], f"{r['trainable']:,}", f"{r['trainable_percent']:.3f}",
+            lines.append((r["method"], _num(r.get("trainable"), 0), _num(r.get("trainable_percent"), 3),
                           _num(r.get("peak_mib"), 0), _num(r.get("tokens_per_s"), 0), _num(r.get("minutes"), 2),
                           _num(r.get("eval_loss"), 3), score, r.get("vs_best") or ""))
         widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
