@@ -321,3 +321,29 @@ def test_shootout_text_shows_a_dash_for_a_method_that_failed_before_it_started()
     assert "1,234" in text and "0.500" in text and "50.0 [25.0, 75.0]" in text
     line = next(x for x in text.splitlines() if x.startswith("IA3"))
     assert line.split()[1:3] == ["-", "-"]
+
+
+@pytest.mark.parametrize("name", ["../../x", "a/b", "..", ".hidden", "", "x" * 101, "a b", 5])
+def test_shootout_name_is_checked_before_anything_trains(name, tmp_path):
+    from sftkit.engine.shootout import compare_methods
+
+    with pytest.raises(RunConfigError, match=r"name=.* is not allowed; allowed: 1 to 100 letters"):
+        compare_methods("dates", ["LoRA"], model="no-such-model-is-loaded", store=tmp_path / "runs", name=name)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "x").exists()
+
+
+def test_shootouts_of_the_same_name_are_kept_and_the_latest_is_the_last_saved(tmp_path):
+    from sftkit.engine.shootout import Shootout, latest_shootout, save_shootout, shootouts
+
+    store = tmp_path / "runs"
+    first = Shootout(task="dates", budget={}, methods=[{"method": "LoRA"}], name="zz")
+    save_shootout(first, store)
+    second = Shootout(task="dates", budget={}, methods=[{"method": "IA3"}], name="zz")
+    save_shootout(second, store)
+    assert second.name == "zz-2" and Shootout.load(store / "shootouts" / "zz.json").methods == [{"method": "LoRA"}]
+    third = Shootout(task="dates", budget={}, methods=[{"method": "BitFit"}], name="aa")  # sorts first by name
+    save_shootout(third, store)
+    assert [p.name for p in shootouts(store)] == ["zz.json", "zz-2.json", "aa.json"]
+    assert latest_shootout(store).methods == [{"method": "BitFit"}]
+    save_shootout(first, store)  # saving the same result again updates its own file
+    assert latest_shootout(store).name == "zz" and len(shootouts(store)) == 3

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -89,6 +91,7 @@ class Shootout:
     path: str | None = None
     complete: bool = True
     zero_shot: dict | None = None  # the base model's score on the same items, for reference
+    saved: float | None = None  # when it was saved (seconds since the epoch): the latest is the last saved
     curves: dict[str, list[list[float]]] = field(default_factory=dict)  # method -> [[step, loss], ...]
 
     def table(self) -> list[dict]:
@@ -143,15 +146,69 @@ def _json_default(x):
     raise TypeError(f"{type(x).__name__} is not JSON")
 
 
+NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,100}")
+
+
+def check_shootout_name(name) -> str:
+    """A shoot-out's name becomes a file name in the run store: refused up front unless it is plain."""
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or ".." in name or name.startswith("."):
+        raise RunConfigError(f"name={name!r} is not allowed; allowed: 1 to 100 letters, digits, '_', '.' or '-', "
+                             "not starting with '.' and without '..'")
+    return name
+
+
+def _saved_at(path: Path) -> float:
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8")).get("saved")
+    except (OSError, ValueError, AttributeError):
+        saved = None
+    if isinstance(saved, (int, float)) and not isinstance(saved, bool):
+        return float(saved)
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
 def shootouts(store: str | Path = "runs") -> list[Path]:
-    """Saved shoot-outs of a run store, oldest first."""
+    """Saved shoot-outs of a run store, oldest first (by when they were saved, not by name)."""
     folder = Path(store) / SHOOTOUT_DIR
-    return sorted(folder.glob("*.json")) if folder.is_dir() else []
+    if not folder.is_dir():
+        return []
+    return sorted((p for p in folder.glob("*.json") if p.is_file()), key=lambda p: (_saved_at(p), p.name))
+
+
+def _reserve(folder: Path, name: str) -> Path:
+    """A new file ``<name>.json`` (else ``<name>-2.json``, ...) created exclusively: never another's file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(1, 1000):
+        path = folder / (f"{name}.json" if i == 1 else f"{name}-{i}.json")
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return path
+    raise RunConfigError(f"name={name!r}: {folder} already has 999 shoot-outs of that name; choose another name")
+
+
+def save_shootout(result: "Shootout", store: str | Path = "runs") -> Path:
+    """Save a shoot-out in ``<store>/shootouts``: the first save takes a fresh file (an earlier shoot-out of
+    the same name is kept: this one gets ``-2``, ``-3``, ...), later saves of the same result update it."""
+    if result.path is None:
+        path = _reserve(Path(store) / SHOOTOUT_DIR, check_shootout_name(result.name))
+        result.name = path.stem
+    result.saved = time.time()
+    return result.save(result.path or path)
 
 
 def latest_shootout(store: str | Path = "runs") -> Shootout | None:
-    found = shootouts(store)
-    return Shootout.load(found[-1]) if found else None
+    """The last saved shoot-out of a run store (a file being written, still empty, is passed over)."""
+    for path in reversed(shootouts(store)):
+        try:
+            return Shootout.load(path)
+        except (OSError, ValueError, TypeError):
+            continue
+    return None
 
 
 # ---- running it ----------------------------------------------------------------------------------
@@ -297,7 +354,7 @@ def compare_methods(task: str = "dates", methods: Sequence[Method | str] | None 
         raise RunConfigError(f"task={task!r} is not allowed; allowed: {', '.join(TASKS)}")
     budget = budget or Budget()
     chosen = _resolve_methods(methods)
-    name = name or f"{datetime.now():%Y%m%d-%H%M%S}-{task}"
+    name = check_shootout_name(f"{datetime.now():%Y%m%d-%H%M%S}-{task}" if name is None else name)  # before training
     cfgs = [(m, method_config(task, m, budget, model=model, store=store)) for m in chosen]  # all checked first
     started = time.perf_counter()
     trained = _train(cfgs, progress, stop, on_run)
@@ -339,7 +396,7 @@ def compare_methods(task: str = "dates", methods: Sequence[Method | str] | None 
                                                            "score_ci": [_finite(x) for x in zero.get("score_ci", ())]},
                       curves=curves)
     result.budget["seconds"] = time.perf_counter() - started
-    result.save(Path(store) / SHOOTOUT_DIR / f"{name}.json")
+    save_shootout(result, store)
     return result
 
 
