@@ -222,8 +222,10 @@ def test_shootout_table_escapes_what_it_shows():
     row = {"method": "<img src=x onerror=alert(1)>", "trainable": 10, "trainable_percent": 0.01, "peak_mib": 1.0,
            "tokens_per_s": 2.0, "minutes": 0.1, "eval_loss": 1.0, "score": 0.5, "score_ci": [0.2, 0.8],
            "vs_best": "<b>x</b>", "kl": 0.0}
-    out = table_html(Shootout(task="<t>", budget={"steps": 1}, methods=[row], best=row["method"]))
+    hostile = {"steps": "<script>alert(2)</script>", "batch_size": "<img src=y>", "rows": 4, "seed": "<i>", "eval_items": 1}
+    out = table_html(Shootout(task="<t>", budget=hostile, methods=[row], best=row["method"]))
     assert "<img" not in out and "&lt;img" in out and "<b>x</b>" not in out and "50.0% [20.0, 80.0]" in out
+    assert "<script" not in out and "&lt;script&gt;" in out and "<i>" not in out and "&lt;t&gt;" in out
 
 
 # ---- the picker shows what each method trains --------------------------------------------------------------

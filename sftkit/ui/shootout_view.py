@@ -49,7 +49,7 @@ def table_html(result) -> str:
     zero = result.zero_shot or {}
     note = "" if zero.get("score") is None else (
         f"<div>zero-shot base model on the same items: {100 * zero['score']:.1f}%</div>")
-    b = result.budget
+    b = {k: html.escape(str(v)) for k, v in (result.budget or {}).items()}  # read from a file: escaped
     caption = (f"<div><b>{html.escape(str(result.task))}</b>: {b.get('steps')} steps of batch {b.get('batch_size')}, "
                f"{b.get('rows')} rows, seed {b.get('seed')}, {b.get('eval_items')} held-out items"
                f"{'' if result.complete else ' &middot; <b>incomplete</b>'}</div>")
