@@ -97,7 +97,7 @@ def test_prompt_methods_refuse_packing_naming_the_setting(preset, tiny_llama_dir
         RunConfig.from_dict({"adapter": {"preset": preset}, "training": {"packing": True}})
     # LoRA, IA3 and the rest pack as before
     for other in ("lora_attention", "ia3", "bitfit"):
-        assert RunConfig.from_dict({"adapter": {"preset": other}, "training": {"packing": True}}).training.packing
+        assert RunConfig.from_dict({"adapter": {"preset": other}, "training": {"packing": True}}).training.packing == "on"
 
 
 @pytest.mark.parametrize("changes,words", [
