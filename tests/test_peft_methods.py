@@ -349,3 +349,17 @@ def test_shootouts_of_the_same_name_are_kept_and_the_latest_is_the_last_saved(tm
     assert latest_shootout(store).methods == [{"method": "BitFit"}]
     save_shootout(first, store)  # saving the same result again updates its own file
     assert latest_shootout(store).name == "zz" and len(shootouts(store)) == 3
+
+
+@pytest.mark.parametrize("preset", PROMPT_FAMILIES)
+def test_memory_estimate_of_prompt_learning_uses_full_logits_and_no_passes(preset, tiny_llama_dir):
+    from sftkit.core.plan import PROMPT_LEARNING
+
+    a = inspect_model(sftkit.load_model(str(tiny_llama_dir)).model)
+    plan = FreezePlan.preset(preset, a, top_n=1 if preset == "adaption_prompt" else None)
+    plain = plan.memory_estimate(a, batch_size=8, seq_len=256)
+    fast = plan.memory_estimate(a, batch_size=8, seq_len=256, trained_per_row=4, pass_tokens=64)
+    if preset in PROMPT_LEARNING:  # their runs get neither the fast loss nor passes (recipes.choose_batching)
+        assert fast == plain
+    else:  # LLaMA-Adapter gets both, as LoRA does
+        assert fast.activations < plain.activations

@@ -55,6 +55,9 @@ NEEDS_TOP_N = ("lora_top_blocks", "freeze_tuning")
 # What a plan's ``family`` can be: the module-grid methods and the prompt methods, and how each
 # one's result leaves the run. Prompt methods train virtual tokens, not modules: no grid edits.
 PROMPT_FAMILIES = ("prompt_tuning", "prefix_tuning", "p_tuning", "adaption_prompt")
+# peft's prompt learning (virtual tokens in front of the rows): runs of these get neither the loss on the trained
+# positions only nor passes (engine.fast.supports_trained_positions_loss); LLaMA-Adapter is not one of them
+PROMPT_LEARNING = ("prompt_tuning", "prefix_tuning", "p_tuning")
 FAMILIES = ("lora", "ia3", "full") + PROMPT_FAMILIES
 FAMILY_NAMES = {"lora": "LoRA", "ia3": "IA3", "full": "full / BitFit", "prompt_tuning": "prompt tuning",
                 "prefix_tuning": "prefix tuning", "p_tuning": "p-tuning", "adaption_prompt": "LLaMA-Adapter"}
@@ -403,6 +406,8 @@ class FreezePlan:
         r = self.resolve(anatomy)
         lowest = self.lowest_trained_block(anatomy)
         active = max(1, anatomy.n_blocks - lowest)
+        if self.family in PROMPT_LEARNING:  # full logits, one pass: what their runs do (recipes.choose_batching)
+            trained_per_row = pass_tokens = None
         common = dict(trainable=r.trainable, batch_size=batch_size, weights=weights,
                       gradient_checkpointing=gradient_checkpointing, attention=attention, lowest_trained_block=lowest,
                       trained_per_row=trained_per_row, pass_tokens=pass_tokens)
