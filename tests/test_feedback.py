@@ -374,6 +374,34 @@ def test_the_collector_ranks_by_click_order_takes_thumbs_and_a_written_answer(tm
     c.session.stop()
 
 
+def test_after_stop_the_collector_says_stopped_and_next_samples_again(tmp_path, tiny_model):
+    rows = date_rows(4)
+    c = collector(tmp_path, tiny_model, rows, k=2)
+    s = c.session
+    s.set_sampling(max_new_tokens=512)  # long enough that Stop ends it early
+    c.skip_button.click()  # the next prompt is being sampled...
+    c.stop_button.click()  # ...and stopped
+    s.wait(120)
+    assert s.current is None and not s.busy and s.stopped
+    assert "stopped" in c.status.value and "sampling" not in c.status.value, c.status.value
+    assert not c.next_button.disabled and c.stop_button.disabled and c.a_button.disabled
+    s.set_sampling(max_new_tokens=4)
+    c.next_button.click()  # go on: the same prompt is sampled again
+    s.wait(120)
+    assert s.current is not None and s.current.row == rows[1]
+    assert c.next_button.disabled and not c.a_button.disabled and c.prompt.value
+    assert "sampling" not in c.status.value and c.stop_button.disabled
+    s.set_sampling(max_new_tokens=512)
+    c.press("s")
+    c.session.stop()
+    c.session.wait(120)
+    assert s.current is None and "stopped" in c.status.value
+    s.set_sampling(max_new_tokens=4)
+    c.press("n")  # the key does what Next does
+    s.wait(120)
+    assert s.current is not None and s.current.row == rows[2]
+
+
 def test_reopening_the_collector_continues_and_the_scorer_labels_pairs(tmp_path, tiny_model):
     rows = date_rows(8, seed=11)
     c = collector(tmp_path, tiny_model, rows, k=2)

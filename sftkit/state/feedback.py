@@ -25,6 +25,7 @@ from ..core.template import Template
 from .observable import Observable
 
 READY, SAMPLING, PROGRESS, RATED, FAILED, DONE = "ready", "sampling", "progress", "rated", "failed", "done"
+STOPPED = "stopped"  # Stop ended the background work: nothing is shown until start() (the view's Next) samples again
 K_RANGE = (2, 4)
 
 
@@ -74,6 +75,8 @@ class FeedbackSession(Observable):
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._active = False  # background work running (cleared before its last notification)
+        self._job = ""
         self._draws = 0
         self._listeners = []
         done = self.store.done_keys()
@@ -97,7 +100,13 @@ class FeedbackSession(Observable):
 
     @property
     def busy(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        """Sampling or labelling in the background (already False when its final event is sent)."""
+        return self._active
+
+    @property
+    def stopped(self) -> bool:
+        """The last background work was ended by Stop (nothing samples until start())."""
+        return self._stop.is_set() and not self._active
 
     @property
     def remaining(self) -> int:
@@ -111,24 +120,38 @@ class FeedbackSession(Observable):
                                  temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_new_tokens,
                                  seed=self.seed * 100003 + self._draws, stop=self._stop)
 
-    def _run(self, work: Callable[[], None], name: str) -> None:
-        if self.busy:
-            raise RuntimeError("the model is busy (sampling or labelling); wait for it or press Stop")
-        self._stop = threading.Event()
-        self.error = None
+    def _run(self, work: Callable[[], str | None], name: str, then: Callable[[], None] | None = None) -> None:
+        """``work`` in a thread; the event it returns is sent once ``busy`` is False (so a view drawing on
+        it enables the controls), then ``then`` runs (unless the work failed)."""
+        with self._lock:
+            if self.busy:
+                raise RuntimeError("the model is busy (sampling or labelling); wait for it or press Stop")
+            self._stop = threading.Event()
+            self.error = None
+            self._active, self._job = True, name
 
         def target():
+            event = None
             try:
-                work()
+                event = work()
             except BaseException as exc:  # noqa: BLE001 - kept and shown by the view
                 self.error = exc
-                self._notify(FAILED)
+                event = FAILED
+            finally:
+                with self._lock:
+                    self._active = False
+            if event is not None:
+                self._notify(event)
+            if then is not None and event != FAILED:
+                then()
 
         self._thread = threading.Thread(target=target, name=f"sftkit-feedback-{name}", daemon=True)
         self._thread.start()
 
     def start(self) -> None:
-        """Sample candidates for the next prompt in the background (notifies READY, or DONE at the end)."""
+        """Sample candidates for the next prompt in the background (notifies READY, or DONE at the end;
+        STOPPED when Stop ends it: the same prompt is sampled by the next start()). While the scorer labels,
+        nothing starts: the scorer's job samples the next prompt when it ends."""
         with self._lock:
             if self.busy:
                 return  # already sampling (or labelling): it notifies when done
@@ -140,26 +163,30 @@ class FeedbackSession(Observable):
                 return
             row = self._queue[0]
 
-        def work():
-            self._notify(SAMPLING)
-            candidates = self._sample([row])[0]
-            if self._stop.is_set():
-                return
-            with self._lock:
-                if self._queue and self._queue[0] is row:
-                    self._queue.pop(0)
-                self.current = Item(row, self.template.user_text(row), candidates)
-            self._notify(READY)
+            def work():
+                self._notify(SAMPLING)
+                candidates = self._sample([row])[0]
+                if self._stop.is_set():
+                    return STOPPED
+                with self._lock:
+                    if self._queue and self._queue[0] is row:
+                        self._queue.pop(0)
+                    self.current = Item(row, self.template.user_text(row), candidates)
+                return READY
 
-        self._run(work, "sample")
+            self._run(work, "sample")
 
     def stop(self) -> None:
         self._stop.set()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Until the background work ends; True if it has. Raises what the work raised."""
-        if self._thread is not None:
-            self._thread.join(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._thread is not None:
+            thread = self._thread
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            if thread is self._thread or thread.is_alive():  # no follow-up job started (or out of time)
+                break
         if self.error is not None:
             raise self.error
         return not self.busy
@@ -351,7 +378,9 @@ class FeedbackSession(Observable):
                     done += 1
                 self.autolabel_progress = (done, len(todo))
                 self._notify(PROGRESS)
-            self._notify(DONE if not self._queue else RATED)
+            if not self._queue and self.current is None:
+                return DONE
+            return STOPPED if self._stop.is_set() and self.current is None else RATED
 
         self._run(work, "autolabel")
 

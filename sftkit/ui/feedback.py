@@ -5,7 +5,8 @@ Wiring over a ``FeedbackSession`` (``sftkit.state.feedback``): for each prompt t
 buttons, or for 3-4 candidates a ranking by clicking them in order), tie, both bad, thumbs up/down per
 answer, writes a better answer (it becomes the chosen one), skips, or undoes. Keys (click the key box
 first): 1-4 or a-d pick the better answer (or the next in the ranking), t tie, x both bad, s skip,
-u undo. A scorer (the teaching tasks have one) labels many prompts at once. The counter says how many
+u undo, n next (samples again after Stop). A scorer (the teaching tasks have one) labels many prompts at
+once. The counter says how many
 pairs there are, and who made them. Every text from the model or a file is escaped before display.
 """
 
@@ -19,7 +20,7 @@ import anywidget
 import ipywidgets as W
 import traitlets
 
-from ..state.feedback import FAILED, PROGRESS, SAMPLING, FeedbackSession
+from ..state.feedback import FAILED, PROGRESS, SAMPLING, STOPPED, FeedbackSession
 from .help import add_tips
 from .render import error_html
 
@@ -50,7 +51,7 @@ class KeyCatcher(anywidget.AnyWidget):
     }
     export default { render };
     """
-    hint = traitlets.Unicode("click here, then: 1/2 (a/b) pick the better, t tie, x both bad, s skip, u undo").tag(
+    hint = traitlets.Unicode("click here, then: 1/2 (a/b) pick the better, t tie, x both bad, s skip, u undo, n next").tag(
         sync=True)
 
     def __init__(self, **kwargs):
@@ -97,6 +98,8 @@ class FeedbackCollector:
         self.skip_button = W.Button(description="Skip")
         self.undo_button = W.Button(description="Undo", icon="undo")
         self.stop_button = W.Button(description="Stop", icon="stop", button_style="warning")
+        self.next_button = W.Button(description="Next", icon="play", tooltip="sample the next prompt's answers "
+                                    "(after Stop)")
         self.edit_box = W.Textarea(placeholder="write a better answer here (it becomes the chosen one)",
                                    layout=W.Layout(width="520px", height="56px"))
         self.edit_button = W.Button(description="Use my answer", button_style="info")
@@ -115,7 +118,8 @@ class FeedbackCollector:
         self.keys.on_key(lambda key: self._guard(lambda: self.press(key)))
         actions = ((self.a_button, lambda: self._pick(0)), (self.b_button, lambda: self._pick(1)),
                    (self.tie_button, s.tie), (self.bad_button, s.both_bad), (self.skip_button, s.skip),
-                   (self.undo_button, self.undo), (self.stop_button, s.stop), (self.edit_button, self._use_edit),
+                   (self.undo_button, self.undo), (self.stop_button, s.stop), (self.next_button, s.start),
+                   (self.edit_button, self._use_edit),
                    (self.auto_button, self._autolabel))
         for button, action in actions:
             button.on_click(lambda _, act=action: self._guard(act))
@@ -124,7 +128,7 @@ class FeedbackCollector:
         add_tips(self)
         s.on_change(self._on_event)
         self.widget = W.VBox([
-            W.HBox([self.k, self.temperature, self.top_p, self.stop_button]),
+            W.HBox([self.k, self.temperature, self.top_p, self.stop_button, self.next_button]),
             W.HBox([self.auto_button, self.auto_n, self.auto_progress]),
             self.counter, self.status, self.prompt, self.candidates,
             W.HBox([self.a_button, self.b_button, self.tie_button, self.bad_button, self.skip_button,
@@ -156,7 +160,7 @@ class FeedbackCollector:
             if event == PROGRESS:
                 done, total = self.session.autolabel_progress
                 self.auto_progress.max, self.auto_progress.value = max(total, 1), done
-            self.draw(sampling=event == SAMPLING)
+            self.draw(sampling=event == SAMPLING, stopped=event == STOPPED)
         except Exception as exc:  # noqa: BLE001 - shown, never lost in a thread
             self.message.value = error_html(exc, "Drawing failed")
 
@@ -214,9 +218,11 @@ class FeedbackCollector:
             self.session.skip()
         elif key == "u":
             self.undo()
+        elif key == "n":
+            self.session.start()
 
     # ---- drawing ------------------------------------------------------------------------------------------
-    def draw(self, sampling: bool = False) -> None:
+    def draw(self, sampling: bool = False, stopped: bool = False) -> None:
         with self._lock:
             s = self.session
             c = s.counts()
@@ -231,12 +237,15 @@ class FeedbackCollector:
                       self.edit_button):
                 b.disabled = item is None
             self.stop_button.disabled = not busy
+            self.next_button.disabled = busy or item is not None or not s.remaining
             self.auto_button.disabled = s.scorer is None or busy
             if item is None:
                 self.prompt.value = ""
                 self.candidates.children = ()
                 self.status.value = ("<i>sampling answers&hellip;</i>" if (busy or sampling) else
-                                     "<b>every prompt is rated</b>" if not s.remaining else "<i>idle</i>")
+                                     "<b>every prompt is rated</b>" if not s.remaining else
+                                     "<i>stopped: press Next (or n) to sample the next prompt</i>"
+                                     if (stopped or s.stopped) else "<i>idle: press Next (or n) to sample</i>")
                 return
             many = len(item.candidates) > 2
             self.a_button.layout.display = self.b_button.layout.display = "none" if many else None
