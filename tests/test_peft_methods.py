@@ -363,3 +363,24 @@ def test_memory_estimate_of_prompt_learning_uses_full_logits_and_no_passes(prese
         assert fast == plain
     else:  # LLaMA-Adapter gets both, as LoRA does
         assert fast.activations < plain.activations
+
+
+@pytest.mark.parametrize("preset", ["lora_attention", "ia3", "prefix_tuning", "p_tuning", "adaption_prompt", "bitfit"])
+def test_prompt_init_is_refused_with_presets_that_would_drop_it(preset):
+    with pytest.raises(RunConfigError, match=rf"adapter.prompt_init='Answer:' is not allowed; allowed: null with "
+                                             rf"preset {preset}.*prompt_tuning"):
+        RunConfig.from_dict({"adapter": {"preset": preset, "prompt_init": "Answer:"}})
+    assert RunConfig.from_dict({"adapter": {"preset": "prompt_tuning", "prompt_init": "Answer:"}}).adapter.prompt_init
+
+
+@pytest.mark.parametrize("make", [
+    lambda M, B: M("x", {"preset": "ia3"}, True),
+    lambda M, B: B(steps=True),
+    lambda M, B: B(batch_size=True),
+    lambda M, B: B(eval_items=True),
+])
+def test_shootout_method_and_budget_refuse_bools_as_numbers(make):
+    from sftkit.engine.shootout import Budget, Method
+
+    with pytest.raises(RunConfigError, match=r"=True is not allowed"):
+        make(Method, Budget)

@@ -141,13 +141,15 @@ class AdapterConfig:
         self._check_method()
 
     def _check_method(self) -> None:
-        """The LoRA options only with LoRA presets. (prompt_init is read by prompt_tuning only, like top_n by
+        """The LoRA options only with LoRA presets, prompt_init only with prompt_tuning. (top_n is read by
         the presets that have blocks to count; a prompt method with module edits or embeddings / head is
         refused by the plan, which names those fields, when the run builds it.)"""
         lora = self.preset.startswith("lora_") or self.preset == "none"
         for name in ("use_dora", "rslora"):
             _need(lora or not getattr(self, name), f"adapter.{name}", getattr(self, name),
                   f"false with preset {self.preset} (a LoRA option: use it with a lora_* preset)")
+        _need(self.preset == "prompt_tuning" or self.prompt_init is None, "adapter.prompt_init", self.prompt_init,
+              f"null with preset {self.preset} (the soft prompt's starting text: use it with preset prompt_tuning)")
 
     def check_training(self, training) -> None:
         """Rules between this section and training: a prompt method adds its virtual tokens to every row

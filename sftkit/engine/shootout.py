@@ -43,7 +43,8 @@ class Method:
 
     def __post_init__(self):
         AdapterConfig(**self.adapter)  # every knob checked now, naming the field, before anything trains
-        if not isinstance(self.learning_rate, (int, float)) or not 0 < self.learning_rate <= 1:
+        rate = self.learning_rate
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate <= 1:
             raise RunConfigError(f"method {self.name!r}: learning_rate={self.learning_rate!r} is not allowed; "
                                  "allowed: a number in (0, 1]")
 
@@ -75,7 +76,7 @@ class Budget:
     def __post_init__(self):
         for name, low in (("steps", 1), ("batch_size", 1), ("rows", 4), ("eval_items", 1)):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < low:
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise RunConfigError(f"budget.{name}={value!r} is not allowed; allowed: an integer >= {low}")
 
 
