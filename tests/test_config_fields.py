@@ -36,6 +36,7 @@ from sftkit.core.runconfig import (
 FIELDS = dict(config_fields())
 # what other fields need for a value to be taken on its own (a preset that needs top_n, a file that needs a template)
 SUPPORT = {"adapter.preset": {"adapter": {"top_n": 2}},
+           "adapter.prompt_init": {"adapter": {"preset": "prompt_tuning"}},  # prompt tuning's knob only
            "data.source": {"template": {"user_pattern": "Q: {q}", "answer_field": "a"}}}
 
 
