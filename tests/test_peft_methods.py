@@ -384,3 +384,20 @@ def test_shootout_method_and_budget_refuse_bools_as_numbers(make):
 
     with pytest.raises(RunConfigError, match=r"=True is not allowed"):
         make(Method, Budget)
+
+
+def test_prefix_tuning_count_uses_the_configs_head_dim(tiny_llama_dir, tmp_path):
+    """Qwen3 / Gemma set head_dim apart from hidden / heads; peft sizes the prefix from it."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_llama_dir))
+    cfg = AutoConfig.for_model("llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, head_dim=32, max_position_embeddings=512, vocab_size=len(tok))
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(str(tmp_path / "wide"))
+    tok.save_pretrained(str(tmp_path / "wide"))
+    model = sftkit.load_model(str(tmp_path / "wide")).model
+    a = inspect_model(model)
+    assert a.head_dim == 32 and a.attention_head_dim == 32 != a.hidden_size // a.n_heads
+    plan = FreezePlan.preset("prefix_tuning", a, virtual_tokens=6)
+    assert plan.trainable_params(a) == 6 * 2 * (2 * 32 * 2) == trainable(plan.apply(model, a))

@@ -57,6 +57,12 @@ class Anatomy:
     n_heads: int
     n_kv_heads: int
     module_params: dict[str, list[str]] = field(default_factory=dict)
+    head_dim: int | None = None  # the config's head_dim where it sets one (Qwen3, Gemma: not hidden / heads)
+
+    @property
+    def attention_head_dim(self) -> int:
+        """Values per attention head: the config's head_dim, else hidden / heads."""
+        return self.head_dim or self.hidden_size // max(1, self.n_heads)
 
     @property
     def layers_pattern(self) -> str:

@@ -87,8 +87,7 @@ def ia3_columns(anatomy: Anatomy) -> list[str]:
 
 def prefix_width(anatomy: Anatomy) -> int:
     """Values per virtual token and block in prefix tuning: a key and a value of the key/value heads."""
-    head_dim = anatomy.hidden_size // max(1, anatomy.n_heads)
-    return 2 * head_dim * (anatomy.n_kv_heads or anatomy.n_heads)
+    return 2 * anatomy.attention_head_dim * (anatomy.n_kv_heads or anatomy.n_heads)
 
 
 @dataclass(frozen=True)

@@ -137,6 +137,8 @@ def inspect_model(model) -> Anatomy:
         n_heads=heads,
         n_kv_heads=_config_int(cfg, "num_key_value_heads", default=heads),
         module_params=module_params,
+        # peft sizes a prefix from these too (utils.other._prepare_prompt_learning_config): the widest head
+        head_dim=_config_int(cfg, "global_head_dim", "head_dim", default=None),
     )
 
 
