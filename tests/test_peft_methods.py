@@ -338,15 +338,15 @@ def test_shootouts_of_the_same_name_are_kept_and_the_latest_is_the_last_saved(tm
     from sftkit.engine.shootout import Shootout, latest_shootout, save_shootout, shootouts
 
     store = tmp_path / "runs"
-    first = Shootout(task="dates", budget={}, methods=[{"method": "LoRA"}], name="zz")
+    first = Shootout(task="dates", budget={}, methods=[{"method": "LoRA", "run": "r"}], name="zz")
     save_shootout(first, store)
-    second = Shootout(task="dates", budget={}, methods=[{"method": "IA3"}], name="zz")
+    second = Shootout(task="dates", budget={}, methods=[{"method": "IA3", "run": "r"}], name="zz")
     save_shootout(second, store)
-    assert second.name == "zz-2" and Shootout.load(store / "shootouts" / "zz.json").methods == [{"method": "LoRA"}]
-    third = Shootout(task="dates", budget={}, methods=[{"method": "BitFit"}], name="aa")  # sorts first by name
+    assert second.name == "zz-2" and Shootout.load(store / "shootouts" / "zz.json").methods == [{"method": "LoRA", "run": "r"}]
+    third = Shootout(task="dates", budget={}, methods=[{"method": "BitFit", "run": "r"}], name="aa")  # sorts first by name
     save_shootout(third, store)
     assert [p.name for p in shootouts(store)] == ["zz.json", "zz-2.json", "aa.json"]
-    assert latest_shootout(store).methods == [{"method": "BitFit"}]
+    assert latest_shootout(store).methods == [{"method": "BitFit", "run": "r"}]
     save_shootout(first, store)  # saving the same result again updates its own file
     assert latest_shootout(store).name == "zz" and len(shootouts(store)) == 3
 
@@ -401,3 +401,25 @@ def test_prefix_tuning_count_uses_the_configs_head_dim(tiny_llama_dir, tmp_path)
     assert a.head_dim == 32 and a.attention_head_dim == 32 != a.hidden_size // a.n_heads
     plan = FreezePlan.preset("prefix_tuning", a, virtual_tokens=6)
     assert plan.trainable_params(a) == 6 * 2 * (2 * 32 * 2) == trainable(plan.apply(model, a))
+
+
+def test_shootout_keeps_a_method_that_could_not_start_as_a_failed_row_and_saves_no_empty_table(tmp_path):
+    from sftkit.engine.shootout import Budget, Shootout, compare_methods, latest_shootout, save_shootout
+
+    store = tmp_path / "runs"
+    earlier = Shootout(task="dates", budget={}, methods=[{"method": "LoRA", "run": "r1"}], name="earlier")
+    save_shootout(earlier, store)
+    lines = []
+    result = compare_methods("dates", ["LoRA", "IA3"], Budget(steps=1, batch_size=4, rows=8, eval_items=2),
+                             model=str(tmp_path / "no-model-here"), store=store, progress=lines.append)
+    assert [r["method"] for r in result.methods] == ["LoRA", "IA3"]  # every method goes on after a failure
+    for row in result.methods:
+        assert row["run"] is None and row["state"].startswith("failed: ") and "no-model-here" in row["state"]
+        assert row["trainable"] is None and row["score"] is None
+    assert not result.complete and result.path is None and "IA3" in result.text()
+    assert any("IA3 could not start" in line for line in lines)
+    assert latest_shootout(store).name == "earlier"  # a table where nothing ran does not become the latest
+    assert [p.name for p in (store / "shootouts").iterdir()] == ["earlier.json"]
+    stale = Shootout(task="dates", budget={}, methods=[{"method": "LoRA", "run": None, "state": "failed"}], name="x")
+    save_shootout(stale, store)
+    assert latest_shootout(store).name == "earlier"

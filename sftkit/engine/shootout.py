@@ -93,6 +93,7 @@ class Shootout:
     complete: bool = True
     zero_shot: dict | None = None  # the base model's score on the same items, for reference
     saved: float | None = None  # when it was saved (seconds since the epoch): the latest is the last saved
+    scored: bool = True  # False: the runs' facts only (saved before scoring; scoring did not finish)
     curves: dict[str, list[list[float]]] = field(default_factory=dict)  # method -> [[step, loss], ...]
 
     def table(self) -> list[dict]:
@@ -206,9 +207,11 @@ def latest_shootout(store: str | Path = "runs") -> Shootout | None:
     """The last saved shoot-out of a run store (a file being written, still empty, is passed over)."""
     for path in reversed(shootouts(store)):
         try:
-            return Shootout.load(path)
+            found = Shootout.load(path)
         except (OSError, ValueError, TypeError):
             continue
+        if any(r.get("run") for r in found.methods):  # a table where nothing ran is not a shoot-out to show
+            return found
     return None
 
 
@@ -262,7 +265,10 @@ def _run_facts(run: RunFolder) -> dict:
 
 
 def _train(cfgs: list[tuple[Method, RunConfig]], progress, stop: threading.Event | None,
-           on_run: Callable[[Method, RunFolder], None] | None) -> list[tuple[Method, RunFolder]]:
+           on_run: Callable[[Method, RunFolder], None] | None,
+           failed: dict[str, str] | None = None) -> list[tuple[Method, RunFolder | None]]:
+    """Each method's run, one after the other. A method that can't be launched (its check, a busy device)
+    is kept as ``(method, None)`` with its error in ``failed``; the others still train."""
     from .launch import launch
 
     done = []
@@ -271,7 +277,15 @@ def _train(cfgs: list[tuple[Method, RunConfig]], progress, stop: threading.Event
             break
         if progress is not None:
             progress(f"training {method.name} ({i + 1}/{len(cfgs)})")
-        handle = launch(cfg)
+        try:
+            handle = launch(cfg)
+        except Exception as exc:  # noqa: BLE001 - a row of the table, said there; the next method goes on
+            if failed is not None:
+                failed[method.name] = f"failed: {type(exc).__name__}: {exc}"
+            if progress is not None:
+                progress(f"{method.name} could not start: {type(exc).__name__}: {exc}")
+            done.append((method, None))
+            continue
         if on_run is not None:
             on_run(method, handle.run)
         while handle.wait(timeout=1.0) in ("pending", "running", "stopping"):
@@ -311,7 +325,7 @@ def score_runs(task: str, trained: list[tuple[Method, RunFolder]], *, items: int
     from .compare import Variant, _merged, compare
     from .models import load_model
 
-    usable = [(m, r) for m, r in trained if r.state() in ("finished", "stopped")]
+    usable = [(m, r) for m, r in trained if r is not None and r.state() in ("finished", "stopped")]
     if not usable:
         return None, None
     cfg = usable[0][1].config()
@@ -358,17 +372,38 @@ def compare_methods(task: str = "dates", methods: Sequence[Method | str] | None 
     name = check_shootout_name(f"{datetime.now():%Y%m%d-%H%M%S}-{task}" if name is None else name)  # before training
     cfgs = [(m, method_config(task, m, budget, model=model, store=store)) for m in chosen]  # all checked first
     started = time.perf_counter()
-    trained = _train(cfgs, progress, stop, on_run)
+    failed: dict[str, str] = {}
+    trained = _train(cfgs, progress, stop, on_run, failed)
+    result = Shootout(task=task, budget=asdict(budget), methods=[], name=name, complete=False, scored=False)
+    _fill(result, trained, failed, None, None, len(chosen))
+    if not any(r.get("run") for r in result.methods):  # nothing ran: no table to keep, the latest stays the latest
+        result.budget["seconds"] = time.perf_counter() - started
+        return result
+    save_shootout(result, store)  # the unscored table first: an error while scoring loses no run's facts
     if progress is not None:
         progress("scoring every method on the same held-out items")
     # Stop ends the training; the runs that finished (or stopped with their adapter) are still scored, with a
     # stop event of their own: the one already set would end the comparison before its first item
     scoring_stop = threading.Event() if stop is not None and stop.is_set() else stop
-    comparison, base_params = score_runs(task, trained, items=budget.eval_items, seed=budget.seed, stop=scoring_stop)
+    usable = [(m, r) for m, r in trained if r is not None]
+    comparison, base_params = score_runs(task, usable, items=budget.eval_items, seed=budget.seed, stop=scoring_stop)
+    _fill(result, trained, failed, comparison, base_params, len(chosen))
+    result.scored = comparison is not None
+    result.budget["seconds"] = time.perf_counter() - started
+    save_shootout(result, store)
+    return result
+
+
+def _fill(result: Shootout, trained, failed: dict[str, str], comparison, base_params, n_chosen: int) -> None:
+    """The table's rows from the runs' folders (and, once scored, the comparison)."""
     rows, curves = [], {}
     summary = comparison.summary() if comparison is not None else {}
     for method, run in trained:
-        facts = _run_facts(run)
+        if run is None:
+            facts = {"run": None, "state": failed.get(method.name, "failed"), "trainable": None, "peak_mib": None,
+                     "tokens_per_s": None, "minutes": None, "eval_loss": None, "final_loss": None, "curve": []}
+        else:
+            facts = _run_facts(run)
         curves[method.name] = facts.pop("curve")
         s = summary.get(method.name, {})
         f = comparison.forgetting.get(method.name, {}) if comparison is not None else {}
@@ -376,7 +411,7 @@ def compare_methods(task: str = "dates", methods: Sequence[Method | str] | None 
                      **facts, "score": _finite(s.get("score")), "score_ci": [_finite(x) for x in s.get("score_ci", ())],
                      "n": s.get("n"), "kl": _finite(f.get("kl")), "general_ppl": _finite(f.get("general_ppl_adapter"))})
     for r in rows:
-        r["trainable_percent"] = 100 * (r["trainable"] or 0) / base_params if base_params else 0.0
+        r["trainable_percent"] = 100 * (r["trainable"] or 0) / base_params if base_params else None
     best = None
     scored_rows = [r for r in rows if r["score"] is not None]
     if scored_rows:
@@ -391,14 +426,10 @@ def compare_methods(task: str = "dates", methods: Sequence[Method | str] | None 
             r["diff_vs_best"] = None if diff is None else _finite(diff.diff)
             r["vs_best"] = comparison.verdict(r["method"], best)
     zero = summary.get("zero-shot")
-    result = Shootout(task=task, budget=asdict(budget), methods=rows, best=best, name=name,
-                      complete=len(trained) == len(chosen) and all(r["state"] == "finished" for r in rows),
-                      zero_shot=None if zero is None else {"score": _finite(zero.get("score")),
-                                                           "score_ci": [_finite(x) for x in zero.get("score_ci", ())]},
-                      curves=curves)
-    result.budget["seconds"] = time.perf_counter() - started
-    save_shootout(result, store)
-    return result
+    result.methods, result.curves, result.best = rows, curves, best
+    result.complete = len(trained) == n_chosen and all(r["state"] == "finished" for r in rows)
+    result.zero_shot = None if zero is None else {"score": _finite(zero.get("score")),
+                                                  "score_ci": [_finite(x) for x in zero.get("score_ci", ())]}
 
 
 def _finite(x):

@@ -38,7 +38,7 @@ def table_html(result) -> str:
         body.append(
             f"<tr{row_style}><td>{html.escape(str(r['method']))}</td>"
             f"<td style='text-align:right'>{_num(r.get('trainable'), ',')}</td>"
-            f"<td style='text-align:right'>{r.get('trainable_percent', 0):.3f}%</td>"
+            f"<td style='text-align:right'>{_num(r.get('trainable_percent'), '.3f')}%</td>"
             f"<td style='text-align:right'>{_num(r.get('peak_mib'), ',.0f')} MiB</td>"
             f"<td style='text-align:right'>{_num(r.get('tokens_per_s'), ',.0f')}</td>"
             f"<td style='text-align:right'>{_num(r.get('minutes'), '.2f')}</td>"
@@ -52,7 +52,8 @@ def table_html(result) -> str:
     b = {k: html.escape(str(v)) for k, v in (result.budget or {}).items()}  # read from a file: escaped
     caption = (f"<div><b>{html.escape(str(result.task))}</b>: {b.get('steps')} steps of batch {b.get('batch_size')}, "
                f"{b.get('rows')} rows, seed {b.get('seed')}, {b.get('eval_items')} held-out items"
-               f"{'' if result.complete else ' &middot; <b>incomplete</b>'}</div>")
+               f"{'' if result.complete else ' &middot; <b>incomplete</b>'}"
+               f"{'' if getattr(result, 'scored', True) else ' &middot; <b>not scored</b>'}</div>")
     return (f'<div class="sftkit-shootout">{caption}<table class="sftkit-shootout-table"><tr>{head}</tr>'
             f'{"".join(body)}</table>{note}</div>')
 
