@@ -428,6 +428,32 @@ def test_reopening_the_collector_continues_and_the_scorer_labels_pairs(tmp_path,
     assert all({"text", "chosen", "rejected", "source"} <= set(r) for r in dpo)
 
 
+def test_rating_while_the_scorer_labels_goes_on_after_it_and_undo_takes_back_the_persons_rating(tmp_path, tiny_model):
+    rows = date_rows(10, seed=5)
+    parity = lambda out, row: float(len(out) % 2 == 0)  # noqa: E731 - a scorer of the test's own making
+    c = collector(tmp_path, tiny_model, rows, k=2, temperature=1.5, scorer=parity)
+    s, store = c.session, c.session.store
+    first = s.current
+    assert first.row == rows[0] and first.candidates[0] != first.candidates[1]
+    s.set_sampling(max_new_tokens=48)  # the scorer takes a while
+    c.auto_n.value = 4
+    c.auto_button.click()  # labels rows 1-4 in the background
+    c.a_button.click()  # meanwhile the person rates the prompt shown
+    assert s.busy, "the scorer ended before the rating: the test did not rate while it labelled"
+    s.wait(300)  # the scorer, then the next prompt's sampling it starts
+    assert s.current is not None and s.current.row == rows[5], "the collector is stuck after the scorer"
+    assert not c.a_button.disabled and c.prompt.value
+    scorer_ratings = [r.id for r in store.ratings(include_skips=True) if r.source == "scorer"]
+    assert len({r.key for r in store.ratings(include_skips=True) if r.source == "scorer"}) == 4
+    c.undo_button.click()  # the person's pair goes back, not the scorer's last group
+    assert [r for r in store.ratings() if r.source == "person"] == []
+    assert [r.id for r in store.ratings(include_skips=True) if r.source == "scorer"] == scorer_ratings
+    assert s.current.row == rows[0] and s.current.candidates == first.candidates
+    c.keys._on_message(c.keys, {"key": "u"}, [])  # nothing of the person's is left to undo: the scorer's stay
+    assert "nothing to undo" in c.message.value
+    assert [r.id for r in store.ratings(include_skips=True) if r.source == "scorer"] == scorer_ratings
+
+
 # ---- the default model ----------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_scorer_labelled_dpo_on_the_default_model_beats_chance_on_held_out_pairs_and_keeps_the_task(

@@ -263,9 +263,12 @@ class PreferenceStore:
         append_durable(self.path, rating.to_dict())
         return rating
 
-    def undo(self) -> list[Rating]:
-        """Take back the last action that is not taken back yet (all ratings of its group); [] if none."""
+    def undo(self, *, source: str | None = None) -> list[Rating]:
+        """Take back the last action that is not taken back yet (all ratings of its group); [] if none.
+        ``source``: the last action of that source only ("person": a scorer labelling meanwhile is not undone)."""
         live = self.ratings(include_skips=True)
+        if source is not None:
+            live = [r for r in live if r.source == source]
         if not live:
             return []
         last = live[-1]

@@ -312,11 +312,12 @@ class FeedbackSession(Observable):
         self._advance(item)
 
     def undo(self) -> bool:
-        """Take back the last rating action; its prompt (with the same candidates) is shown again."""
-        if self.busy:
+        """Take back the person's last rating action (never the scorer's); its prompt (with the same
+        candidates) is shown again. Sampling of the next prompt is stopped; the scorer goes on."""
+        if self.busy and self._job == "sample":
             self.stop()
             self.wait()
-        gone = self.store.undo()
+        gone = self.store.undo(source="person")
         if not gone:
             return False
         key = gone[0].key
@@ -382,7 +383,8 @@ class FeedbackSession(Observable):
                 return DONE
             return STOPPED if self._stop.is_set() and self.current is None else RATED
 
-        self._run(work, "autolabel")
+        # the person may have rated the prompt shown meanwhile (start() waits while the scorer works): go on
+        self._run(work, "autolabel", then=lambda: None if self._stop.is_set() else self.start())
 
     # ---- what the view shows ------------------------------------------------------------------------------------
     def counts(self) -> dict[str, int]:
