@@ -423,3 +423,47 @@ def test_shootout_keeps_a_method_that_could_not_start_as_a_failed_row_and_saves_
     stale = Shootout(task="dates", budget={}, methods=[{"method": "LoRA", "run": None, "state": "failed"}], name="x")
     save_shootout(stale, store)
     assert latest_shootout(store).name == "earlier"
+
+
+# ---- review fixes: export and merge outputs --------------------------------------------------------------
+def test_an_export_never_replaces_a_merge_nor_a_merge_an_export_without_force(tiny_llama_dir, tmp_path):
+    """Exports and merges share one marker file; each replaces only its own kind's earlier output."""
+    import json
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from sftkit.core.runstore import RunStore
+    from sftkit.engine.output import MERGE_MARKER, export_adapter, merge_and_save
+
+    cfg = method_config(tiny_llama_dir, tmp_path / "runs", "lora")
+    run = RunStore(cfg.store).new_run(cfg.name)
+    cfg.save(run.config_path)  # a run folder with a real peft adapter (no training needed to check the outputs)
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir)),
+                                LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft_model.save_pretrained(str(run.adapter_dir))
+
+    merged = merge_and_save(run, tmp_path / "merged")
+    assert json.loads((merged / MERGE_MARKER).read_text())["kind"] == "merge"
+    with pytest.raises(Exception, match=r"holds a merged model .*an export does not replace it"):
+        export_adapter(run, merged)
+    assert (merged / "config.json").is_file() and list(merged.glob("*.safetensors"))  # the merged model is kept
+
+    exported = export_adapter(run, tmp_path / "exported")
+    assert json.loads((exported / MERGE_MARKER).read_text())["kind"] == "export"
+    with pytest.raises(Exception, match="holds an exported adapter"):
+        merge_and_save(run, exported)
+    assert (exported / "adapter_config.json").is_file() and not (exported / "config.json").exists()
+    assert export_adapter(run, exported) == exported  # its own kind: replaced
+    assert merge_and_save(run, merged) == merged
+
+    marker = json.loads((exported / MERGE_MARKER).read_text())  # a marker written before the kind was recorded
+    del marker["kind"]
+    (exported / MERGE_MARKER).write_text(json.dumps(marker))
+    with pytest.raises(Exception, match="holds an exported adapter"):
+        merge_and_save(run, exported)
+    export_adapter(run, exported)
+
+    export_adapter(run, merged, force=True)  # force replaces it, as it replaces any folder
+    assert (merged / "adapter_config.json").is_file() and not (merged / "config.json").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no folder left aside

@@ -87,7 +87,7 @@ def export_adapter(run, output: str | Path, *, force: bool = False) -> Path:
 
     run = _run(run)
     output = Path(output).expanduser()
-    _check_merge_output(run, output, force)
+    _check_merge_output(run, output, force, kind="export")
     if not (run.adapter_dir / "adapter_config.json").is_file():
         raise RunStateError(f"run {run.name} has no adapter to export ({run.adapter_dir}); the run is {run.state()}")
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -95,32 +95,54 @@ def export_adapter(run, output: str | Path, *, force: bool = False) -> Path:
     try:
         shutil.copytree(run.adapter_dir, tmp / "adapter")
         files = sorted(str(p.relative_to(tmp / "adapter")) for p in (tmp / "adapter").rglob("*") if p.is_file())
-        write_text_atomic(tmp / "adapter" / MERGE_MARKER, json.dumps({"run": str(run.path.resolve()),
+        write_text_atomic(tmp / "adapter" / MERGE_MARKER, json.dumps({"run": str(run.path.resolve()), "kind": "export",
                                                                        "time": time.time(), "files": files}))
-        _check_merge_output(run, output, force)
-        if output.exists():
-            shutil.rmtree(output)
-        (tmp / "adapter").rename(output)
+        _check_merge_output(run, output, force, kind="export")
+        _swap_in(tmp / "adapter", output)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return output
 
 
-def _merge_files(output: Path) -> set[str] | None:
-    """The files an earlier merge wrote into ``output`` (from its marker), or None if it has none."""
+def _swap_in(new: Path, output: Path) -> None:
+    """``new`` renamed to ``output``: an existing ``output`` renamed aside first (put back if the rename
+    fails), removed only once the new one is in place."""
+    old = None
+    if output.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".old", dir=str(output.parent)))
+        old.rmdir()
+        output.rename(old)
+    try:
+        new.rename(output)
+    except BaseException:
+        if old is not None:
+            old.rename(output)  # the earlier folder back where it was
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _merge_files(output: Path) -> tuple[set[str] | None, str | None]:
+    """The files an earlier merge or export wrote into ``output`` (from its marker) and which of the two
+    wrote them ("merge" or "export"), or (None, None) without a marker."""
     import json
 
     try:
         data = json.loads((output / MERGE_MARKER).read_text(encoding="utf-8"))
-        return set(data["files"]) | {MERGE_MARKER}
+        files = set(data["files"])
     except (OSError, ValueError, KeyError, TypeError):
-        return None
+        return None, None
+    kind = data.get("kind") if isinstance(data, dict) else None
+    if kind not in ("merge", "export"):  # a marker from before the kind was written: an export is an adapter alone
+        kind = "export" if "adapter_config.json" in files and "config.json" not in files else "merge"
+    return files | {MERGE_MARKER}, kind
 
 
-def _check_merge_output(run: RunFolder, output: Path, force: bool) -> None:
-    """OUT must be new, an empty folder, or an earlier merge's output holding only what that merge
-    wrote. ``force`` replaces another folder, but never the run folder (or anything inside or above
-    it), the home folder, the working directory or a folder above it, or the file system's root."""
+def _check_merge_output(run: RunFolder, output: Path, force: bool, kind: str = "merge") -> None:
+    """OUT must be new, an empty folder, or an earlier output of the same kind (a merge's for a merge, an
+    export's for an export) holding only what it wrote. ``force`` replaces another folder, but never the run
+    folder (or anything inside or above it), the home folder, the working directory or a folder above it,
+    or the file system's root."""
     out, run_dir = output.resolve(), run.path.resolve()
     if out == run_dir or run_dir in out.parents or out in run_dir.parents:
         raise RunStateError(f"merge output {output} is the run folder, inside it or above it; give a folder of its own")
@@ -133,9 +155,15 @@ def _check_merge_output(run: RunFolder, output: Path, force: bool) -> None:
     if output.is_symlink() or not output.is_dir():
         raise RunStateError(f"merge output {output} exists and is not a folder; give a new folder")
     present = {str(p.relative_to(output)) for p in output.rglob("*") if p.is_file() or p.is_symlink()}
-    written = _merge_files(output)
-    if not present or force or (written is not None and present <= written):
+    written, written_by = _merge_files(output)
+    if not present or force or (written is not None and written_by == kind and present <= written):
         return
+    if written is not None and written_by != kind:
+        what = {"merge": "a merged model", "export": "an exported adapter"}
+        article = "an" if kind == "export" else "a"
+        raise RunStateError(f"{kind} output {output} holds {what[written_by]} (sftkit's earlier {written_by}); "
+                            f"{article} {kind} does not replace it: nothing was changed. Give a new folder, or --force "
+                            "(force=True) to replace it.")
     if written is not None:
         extra = sorted(present - written)
         raise RunStateError(f"merge output {output} is an earlier merge's, but now also holds files it did not "
@@ -169,28 +197,15 @@ def merge_and_save(run, output: str | Path, *, force: bool = False) -> Path:
     merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".merging", dir=str(output.parent)))
-    old = None
     try:
         merged.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
-        write_text_atomic(tmp / MERGE_MARKER, json.dumps({"run": str(run.path.resolve()), "time": time.time(),
-                                                          "files": files}))
+        write_text_atomic(tmp / MERGE_MARKER, json.dumps({"run": str(run.path.resolve()), "kind": "merge",
+                                                          "time": time.time(), "files": files}))
         _check_merge_output(run, output, force)  # still true after the minutes the merge took
-        if output.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".old", dir=str(output.parent)))
-            old.rmdir()
-            output.rename(old)
-        try:
-            tmp.rename(output)
-        except BaseException:
-            if old is not None:
-                old.rename(output)  # the user's folder back where it was
-                old = None
-            raise
+        _swap_in(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
     return output
