@@ -454,6 +454,26 @@ def test_rating_while_the_scorer_labels_goes_on_after_it_and_undo_takes_back_the
     assert [r.id for r in store.ratings(include_skips=True) if r.source == "scorer"] == scorer_ratings
 
 
+def test_undoing_a_thumb_and_rating_again_keeps_the_new_labels(tmp_path, tiny_model):
+    c = collector(tmp_path, tiny_model, date_rows(4), k=2, temperature=1.5)
+    s, store = c.session, c.session.store
+    item = s.current
+    a, b = item.candidates
+    assert a != b
+    s.thumbs(0, True)
+    s.thumbs(1, True)  # every candidate has a thumb: the next prompt comes
+    c.wait_ready(120)
+    assert s.current.row != item.row
+    c.undo_button.click()  # B's thumb back: A's stays, on the screen and in the file
+    assert s.current.row == item.row and s.current.thumbs == {0: True}
+    assert [(r.completion, r.label) for r in store.ratings()] == [(a, True)]
+    s.thumbs(0, False)
+    s.thumbs(1, False)
+    c.wait_ready(120)
+    assert [(r["completion"], r["label"]) for r in store.rows("kto")] == [(a, False), (b, False)]
+    assert store.counts()["singles"] == 3  # A up, A down, B down: each stored, the latest label trains
+
+
 # ---- the default model ----------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_scorer_labelled_dpo_on_the_default_model_beats_chance_on_held_out_pairs_and_keeps_the_task(

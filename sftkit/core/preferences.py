@@ -304,12 +304,14 @@ class PreferenceStore:
     # ---- what a run trains on ---------------------------------------------------------------------------
     def rows(self, objective: str = "dpo", *, sources: Iterable[str] = SOURCES) -> list[dict]:
         """sftkit data rows: the input fields plus chosen/rejected (dpo), or completion/label (kto: every
-        pair gives a good and a bad answer, thumbs give one, 'both bad' gives two bad ones)."""
+        pair gives a good and a bad answer, thumbs give one, 'both bad' gives two bad ones; an answer labelled
+        again keeps its place and takes the latest label)."""
         if objective not in COLUMNS:
             raise ValueError(f"objective={objective!r} is not allowed; allowed: {', '.join(COLUMNS)}")
         sources = set(sources)
         out: list[dict] = []
         seen: set[tuple] = set()
+        where: dict[tuple, int] = {}  # kto: (prompt, answer) -> its row in out
         for r in self.ratings():
             if r.source not in sources:
                 continue
@@ -327,9 +329,14 @@ class PreferenceStore:
             elif r.kind == "both_bad":
                 items = [(c, False) for c in r.candidates]
             for text, good in items:
-                if text is not None and (r.key, text) not in seen:
-                    seen.add((r.key, text))
-                    out.append({**base, "completion": text, "label": good, "source": r.source})
+                if text is None:
+                    continue
+                row = {**base, "completion": text, "label": good, "source": r.source}
+                if (r.key, text) in where:  # labelled again (a thumb changed after an undo): the latest wins
+                    out[where[(r.key, text)]] = row
+                else:
+                    where[(r.key, text)] = len(out)
+                    out.append(row)
         return out
 
     def save_rows(self, path: str | Path, objective: str = "dpo", **kwargs) -> Path:

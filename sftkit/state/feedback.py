@@ -37,6 +37,14 @@ class Item:
     prompt: str
     candidates: list[str]
     thumbs: dict[int, bool] = field(default_factory=dict)
+    thumb_ids: dict[int, str] = field(default_factory=dict)  # candidate -> the stored rating of its thumb
+
+    def forget(self, rating_ids: set[str]) -> None:
+        """The thumbs whose ratings were taken back are gone; the others stay (they are still stored)."""
+        for i, rid in list(self.thumb_ids.items()):
+            if rid in rating_ids:
+                del self.thumb_ids[i]
+                self.thumbs.pop(i, None)
 
 
 def _check_sampling(k: int, temperature: float, top_p: float, max_new_tokens: int) -> None:
@@ -282,9 +290,9 @@ class FeedbackSession(Observable):
         """One candidate good or bad (kto rows). The prompt moves on once every candidate has a thumb."""
         item = self._need_item()
         self._check_index(item, i, "candidate")
-        self.store.add("single", item.row, item.prompt, completion=item.candidates[i], label=bool(up),
-                       **self._common(item))
-        item.thumbs[i] = bool(up)
+        rating = self.store.add("single", item.row, item.prompt, completion=item.candidates[i], label=bool(up),
+                                **self._common(item))
+        item.thumbs[i], item.thumb_ids[i] = bool(up), rating.id
         if len(item.thumbs) == len(item.candidates):
             self._advance(item)
         else:
@@ -320,20 +328,26 @@ class FeedbackSession(Observable):
         gone = self.store.undo(source="person")
         if not gone:
             return False
-        key = gone[0].key
+        key, ids = gone[0].key, {g.id for g in gone}
         with self._lock:
             if self.current is not None and prompt_key(self.template, self.current.row) == key:
-                self.current.thumbs = {}
+                self.current.forget(ids)
             else:
                 if self.current is not None:  # back in the queue, first
                     self._queue.insert(0, self.current.row)
                 item = next((h for h in reversed(self.history) if prompt_key(self.template, h.row) == key), None)
                 if item is not None:
                     self.history.remove(item)
-                    item.thumbs = {}
-                else:  # rated in an earlier session: its stored candidates
+                    item.forget(ids)
+                else:  # rated in an earlier session: its stored candidates, and the thumbs still stored
                     g = gone[0]
                     item = Item(dict(g.row), g.prompt, list(g.candidates) or [c for c in (g.chosen, g.rejected) if c])
+                    for r in self.store.ratings():
+                        if r.kind == "single" and r.key == key and r.source == "person":
+                            i = next((j for j, c in enumerate(item.candidates) if c == r.completion
+                                      and j not in item.thumbs), None)
+                            if i is not None:
+                                item.thumbs[i], item.thumb_ids[i] = bool(r.label), r.id
                 self.current = item
         self._notify(RATED)
         return True
