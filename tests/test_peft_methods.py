@@ -203,6 +203,9 @@ def test_shootout_trains_each_method_as_a_run_and_scores_them_on_the_same_items(
         assert [s for s, _ in result.curves[row["method"]]] == [1, 2, 3]
     assert result.best in chosen and sum(r.get("vs_best") == "best" for r in result.methods) == 1
     assert all("p_vs_best" in r for r in result.methods if r["method"] != result.best)
+    for r in result.methods:  # the p against the best is Holm-adjusted over the methods compared with it
+        if r.get("p_vs_best") is not None:
+            assert r["p_vs_best"] <= r["p_vs_best_holm"] <= min(1.0, 3 * r["p_vs_best"]) + 1e-12
     assert any("training prompt tuning (3/4)" in line for line in lines)
     # saved beside the runs: a re-opened notebook reads the same table
     again = latest_shootout(tmp_path / "runs")
@@ -467,3 +470,19 @@ def test_an_export_never_replaces_a_merge_nor_a_merge_an_export_without_force(ti
     export_adapter(run, merged, force=True)  # force replaces it, as it replaces any folder
     assert (merged / "adapter_config.json").is_file() and not (merged / "config.json").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no folder left aside
+
+
+def test_holm_adjusts_the_p_values_against_the_best_and_the_table_says_so():
+    from sftkit.engine.shootout import HOLM_NOTE, Shootout, holm
+    from sftkit.ui.shootout_view import table_html
+
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert holm([0.5, 0.001]) == pytest.approx([0.5, 0.002]) and holm([0.45, 0.4, 0.3]) == pytest.approx([0.9, 0.9, 0.9])
+    assert holm([]) == [] and holm([0.02]) == [0.02]
+    rows = [{"method": "LoRA", "trainable": 1, "trainable_percent": 0.1, "score": 0.9, "score_ci": [0.8, 1.0],
+             "vs_best": "best"},
+            {"method": "IA3", "trainable": 1, "trainable_percent": 0.1, "score": 0.5, "score_ci": [0.3, 0.7],
+             "p_vs_best": 0.02, "p_vs_best_holm": 0.04, "vs_best": "LoRA is better"}]
+    result = Shootout(task="dates", budget={}, methods=rows, best="LoRA")
+    assert "Holm-adjusted" in HOLM_NOTE and HOLM_NOTE in result.text() and "Holm-adjusted" in table_html(result)
+    assert "Holm" not in Shootout(task="dates", budget={}, methods=rows[:1], best="LoRA").text()

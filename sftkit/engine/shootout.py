@@ -129,7 +129,8 @@ class Shootout:
                           _num(r.get("peak_mib"), 0), _num(r.get("tokens_per_s"), 0), _num(r.get("minutes"), 2),
                           _num(r.get("eval_loss"), 3), score, r.get("vs_best") or ""))
         widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
-        return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
+        text = "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
+        return text + (f"\n({HOLM_NOTE})" if any("p_vs_best_holm" in r for r in self.methods) else "")
 
 
 def _pct(x) -> str:
@@ -394,6 +395,47 @@ def compare_methods(task: str = "dates", methods: Sequence[Method | str] | None 
     return result
 
 
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment of p-values tested together (each stays valid for the family's error rate)."""
+    order = sorted(range(len(pvalues)), key=lambda i: pvalues[i])
+    out, running = [1.0] * len(pvalues), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(pvalues) - rank) * pvalues[i]))
+        out[i] = running
+    return out
+
+
+HOLM_NOTE = ("vs the best: exact paired test, p Holm-adjusted over the comparisons with the best; the best was "
+             "chosen on these same items, so its lead is read with care")
+
+
+def _against_best(comparison, rows: list[dict], best: str) -> None:
+    """Each method against the best, paired on the same items: the difference, the exact test's p (raw and
+    Holm-adjusted over every method compared with the best), and the verdict in words on the adjusted p."""
+    from dataclasses import replace
+
+    from ..core.stats import paired_verdict
+
+    others = []
+    for r in rows:
+        if r["method"] == best:
+            r["vs_best"] = "best"
+            continue
+        p = comparison._pair(r["method"], best)
+        test, diff = p["mcnemar"], p["diffs"].get(comparison.primary)
+        r["p_vs_best"] = None if test is None else float(test.p_value)
+        r["diff_vs_best"] = None if diff is None else _finite(diff.diff)
+        others.append((r, test, diff))
+    tested = [(r, test, diff) for r, test, diff in others if test is not None and diff is not None]
+    adjusted = dict(zip((r["method"] for r, _, _ in tested), holm([float(t.p_value) for _, t, _ in tested])))
+    for r, test, diff in others:
+        if r["method"] in adjusted:
+            r["p_vs_best_holm"] = adjusted[r["method"]]
+            r["vs_best"] = paired_verdict(r["method"], best, diff, replace(test, p_value=adjusted[r["method"]]))
+        else:  # no exact test (a score that is not right/wrong): the verdict reads the interval
+            r["vs_best"] = comparison.verdict(r["method"], best)
+
+
 def _fill(result: Shootout, trained, failed: dict[str, str], comparison, base_params, n_chosen: int) -> None:
     """The table's rows from the runs' folders (and, once scored, the comparison)."""
     rows, curves = [], {}
@@ -416,15 +458,7 @@ def _fill(result: Shootout, trained, failed: dict[str, str], comparison, base_pa
     scored_rows = [r for r in rows if r["score"] is not None]
     if scored_rows:
         best = max(scored_rows, key=lambda r: (r["score"], -(r["eval_loss"] or math.inf)))["method"]
-        for r in scored_rows:
-            if r["method"] == best:
-                r["vs_best"] = "best"
-                continue
-            p = comparison._pair(r["method"], best)
-            test, diff = p["mcnemar"], p["diffs"].get(comparison.primary)
-            r["p_vs_best"] = None if test is None else float(test.p_value)
-            r["diff_vs_best"] = None if diff is None else _finite(diff.diff)
-            r["vs_best"] = comparison.verdict(r["method"], best)
+        _against_best(comparison, scored_rows, best)
     zero = summary.get("zero-shot")
     result.methods, result.curves, result.best = rows, curves, best
     result.complete = len(trained) == n_chosen and all(r["state"] == "finished" for r in rows)

@@ -49,6 +49,10 @@ def table_html(result) -> str:
     zero = result.zero_shot or {}
     note = "" if zero.get("score") is None else (
         f"<div>zero-shot base model on the same items: {100 * zero['score']:.1f}%</div>")
+    if any("p_vs_best_holm" in r for r in result.methods):
+        from ..engine.shootout import HOLM_NOTE
+
+        note += f"<div style='font-size:12px'>{html.escape(HOLM_NOTE)}</div>"
     b = {k: html.escape(str(v)) for k, v in (result.budget or {}).items()}  # read from a file: escaped
     caption = (f"<div><b>{html.escape(str(result.task))}</b>: {b.get('steps')} steps of batch {b.get('batch_size')}, "
                f"{b.get('rows')} rows, seed {b.get('seed')}, {b.get('eval_items')} held-out items"
