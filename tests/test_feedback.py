@@ -474,6 +474,23 @@ def test_undoing_a_thumb_and_rating_again_keeps_the_new_labels(tmp_path, tiny_mo
     assert store.counts()["singles"] == 3  # A up, A down, B down: each stored, the latest label trains
 
 
+def test_a_half_made_ranking_does_not_carry_over_to_the_next_prompt(tmp_path, tiny_model):
+    c = collector(tmp_path, tiny_model, date_rows(4, seed=7), k=3, temperature=1.5)
+    c.candidates.children[2].children[0].click()  # C first... then the prompt is skipped
+    assert "1 of 2 picked" in c.status.value
+    c.skip_button.click()
+    item = c.wait_ready(120)
+    assert "0 of 2 picked" in c.status.value and "#1" not in "".join(r.children[3].value for r in c.candidates.children)
+    a, b, cc = item.candidates
+    assert len({a, b, cc}) == 3
+    c.candidates.children[0].children[0].click()  # A first, then B: C last
+    c.candidates.children[1].children[0].click()
+    c.wait_ready(120)
+    made = {(r.chosen, r.rejected) for r in c.session.store.ratings() if r.kind == "pair"}
+    assert made == {(a, b), (a, cc), (b, cc)}
+    c.session.stop()
+
+
 # ---- the default model ----------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_scorer_labelled_dpo_on_the_default_model_beats_chance_on_held_out_pairs_and_keeps_the_task(

@@ -84,7 +84,8 @@ class FeedbackCollector:
             store = PreferenceStore.in_store(store, name, template)
         self.session = FeedbackSession(model, tokenizer, template, rows, store=store, **session_kwargs)
         self._lock = threading.RLock()
-        self._order: list[int] = []
+        self._order: list[int] = []  # a ranking being made, of the item in _order_item
+        self._order_item = None
         s = self.session
         self.prompt = W.HTML()
         self.candidates = W.VBox()
@@ -168,9 +169,17 @@ class FeedbackCollector:
         self.session.set_sampling(k=int(self.k.value), temperature=float(self.temperature.value),
                                   top_p=float(self.top_p.value))
 
+    def _ranking(self, item) -> list[int]:
+        """The ranking being made of ``item``: a new one whenever the prompt shown changes (rated, skipped,
+        undone, sampled after Stop), so a half-made ranking never carries over to another prompt."""
+        if item is not self._order_item:
+            self._order, self._order_item = [], item
+        return self._order
+
     def _pick(self, i: int) -> None:
         """A click (or key) on candidate i: with 2 candidates, i is better; with more, the next in the ranking."""
         item = self.session.current
+        self._ranking(item)
         if item is None:
             raise RuntimeError("no answers to rate yet: they are being sampled")
         if i >= len(item.candidates):
@@ -232,6 +241,7 @@ class FeedbackCollector:
                                   f"thumbs &middot; {c['skipped']} skipped &middot; {s.remaining} prompts left</span>"
                                   f"{warn}")
             item = s.current
+            self._ranking(item)
             busy = s.busy
             for b in (self.a_button, self.b_button, self.tie_button, self.bad_button, self.skip_button,
                       self.edit_button):
