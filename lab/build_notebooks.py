@@ -609,8 +609,10 @@ NOTEBOOKS["07_peft_methods.ipynb"] = [
          "    peak = plan.memory_estimate(anatomy, batch_size=8, seq_len=64).total\n"
          '    print(f"{method.name:<16}{method.adapter[\'preset\']:<17}{n:>12,}{100 * n / anatomy.total_params:>13.3f}%"\n'
          '          f"{peak / 2**20:>12,.0f} MiB")'),
-    md("A soft prompt of 20 virtual tokens is 20 x 576 = 11,520 numbers: under 0.01% of the model. LoRA on the "
-       "attention projections is about 1.4%; BitFit trains the norms and biases (this model has no biases)."),
+    md("A soft prompt of 20 virtual tokens is 20 x 576 = 11,520 numbers: under 0.01% of the model. LoRA of rank 8 on "
+       "the attention projections is 921,600 (0.685%), DoRA adds a magnitude per output (967,680, 0.719%), IA3 "
+       "scales keys, values and the MLP inputs (57,600, 0.043%); BitFit trains the norms and biases (this model has "
+       "no biases: 35,136, 0.026%)."),
     md("## The shoot-out\n\n"
        "`compare_methods` (and this view over it) trains each method as an ordinary run, one after the other, in "
        "`runs/` (so **RunHistory** lists them, each with its curves, adapter and config), with the same step budget "
@@ -638,8 +640,10 @@ NOTEBOOKS["07_peft_methods.ipynb"] = [
        "labels it never uses), the methods that change the computation inside every block (LoRA, DoRA, IA3) "
        "learn it in the same steps where a soft prompt stalls: compare the eval losses and the scores' "
        "intervals. Prompt methods also learn slowly per step, so a small step budget favours LoRA.\n"
-       "- **Read the intervals, not the ranking.** *vs the best* is a paired test on the same items; "
-       "*no detectable difference* with a wide interval means: more items, or more steps.\n"
+       "- **Read the intervals, not the ranking.** *vs the best* is a paired test on the same items, its p "
+       "Holm-adjusted over every method compared with the best; and the best was chosen on these same items, so "
+       "its lead is a little optimistic. *No detectable difference* with a wide interval means: more items, or "
+       "more steps.\n"
        "- **Cost.** Peak memory is the run process's (the model itself dominates at this size); tokens/s shows "
        "the extra work: a soft prompt makes every row longer, DoRA recomputes its weight norm each step."),
     md("## Export: merge what can merge\n\n"

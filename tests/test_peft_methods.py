@@ -486,3 +486,19 @@ def test_holm_adjusts_the_p_values_against_the_best_and_the_table_says_so():
     result = Shootout(task="dates", budget={}, methods=rows, best="LoRA")
     assert "Holm-adjusted" in HOLM_NOTE and HOLM_NOTE in result.text() and "Holm-adjusted" in table_html(result)
     assert "Holm" not in Shootout(task="dates", budget={}, methods=rows[:1], best="LoRA").text()
+
+
+def test_notebook_07_states_the_trainable_counts_the_plans_compute(default_model_folder):
+    """The counts the notebook's text quotes are the default model's, computed, not remembered."""
+    import json
+    from pathlib import Path
+
+    from sftkit.engine.shootout import METHODS as SHOOTOUT
+
+    notebook = json.loads((Path(__file__).resolve().parents[1] / "notebooks" / "07_peft_methods.ipynb").read_text())
+    text = " ".join("".join(c["source"]) for c in notebook["cells"] if c["cell_type"] == "markdown")
+    a = inspect_model(sftkit.load_model("default").model)
+    for name in ("LoRA", "DoRA", "IA3", "BitFit"):
+        n = FreezePlan.from_adapter(RunConfig.from_dict({"adapter": SHOOTOUT[name].adapter}).adapter, a).trainable_params(a)
+        assert f"{n:,}" in text and f"{100 * n / a.total_params:.3f}%" in text, name
+    assert "about 1.4%" not in text
