@@ -140,6 +140,26 @@ def test_pairs_round_trip_to_the_trl_format(tmp_path, tiny_llama_dir):
             ex["prompt_ids"] + ex["chosen_ids"]
 
 
+def test_the_trl_export_renders_the_prompt_as_training_does_without_the_few_shot_examples(tmp_path, tiny_llama_dir):
+    from transformers import AutoTokenizer
+
+    from sftkit.core.preferences import PreferenceStore
+    from sftkit.engine.preference import preference_examples
+
+    shots = date_rows(2, seed=21)
+    tpl = dates_template().with_examples(shots)
+    assert len(tpl.messages(shots[0], with_answer=False)) > 2  # the template has few-shot turns
+    store = PreferenceStore(tmp_path / "fb", tpl)
+    row = date_rows(1, seed=22)[0]
+    store.add("pair", row, tpl.user_text(row), chosen=row["iso"], rejected="1999-99-99")
+    [rec] = [json.loads(line) for line in store.export_trl(tmp_path / "pairs.jsonl").read_text().splitlines()]
+    assert [m["role"] for m in rec["prompt"]] == ["system", "user"]
+    tok = AutoTokenizer.from_pretrained(str(tiny_llama_dir))
+    [ex], _ = preference_examples(tpl, store.rows("dpo"), tok, "dpo")
+    ids = tok.apply_chat_template(rec["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True)
+    assert ids["input_ids"] == ex["prompt_ids"]
+
+
 def test_a_missing_preference_column_is_named_before_any_process_starts(tmp_path, tiny_llama_dir):
     from sftkit.core.data import DataError
     from sftkit.core.runconfig import RunConfig

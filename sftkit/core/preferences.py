@@ -378,8 +378,9 @@ class PreferenceStore:
 
 
 def to_trl(template: Template, row: dict, objective: str = "dpo") -> dict:
-    """One preference row in TRL's conversational format (the template's system prompt and user turn)."""
-    prompt = template.messages(row, with_examples=True, with_answer=False)
+    """One preference row in TRL's conversational format (the template's system prompt and user turn;
+    without its few-shot examples, as preference runs train and candidates are sampled)."""
+    prompt = template.messages(row, with_examples=False, with_answer=False)
 
     def answer(text) -> list[dict]:
         return [{"role": "assistant", "content": template.assistant_prefix + as_text(text)}]
