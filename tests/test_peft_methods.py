@@ -502,3 +502,25 @@ def test_notebook_07_states_the_trainable_counts_the_plans_compute(default_model
         n = FreezePlan.from_adapter(RunConfig.from_dict({"adapter": SHOOTOUT[name].adapter}).adapter, a).trainable_params(a)
         assert f"{n:,}" in text and f"{100 * n / a.total_params:.3f}%" in text, name
     assert "about 1.4%" not in text
+
+
+def test_reopened_shootout_session_restores_its_methods_budget_and_model(tmp_path):
+    from sftkit.engine.shootout import METHODS as SHOOTOUT
+    from sftkit.engine.shootout import Budget, Method, Shootout, save_shootout
+    from sftkit.state.shootout import ShootoutSession
+
+    store = tmp_path / "runs"
+    mine = Method("small LoRA", {"preset": "lora_attention", "rank": 2, "alpha": 4.0}, 2e-3)
+    budget = Budget(steps=7, batch_size=2, rows=30, eval_items=5, seed=3)
+    rows = [{"method": mine.name, "run": "r1", "adapter": mine.adapter, "learning_rate": mine.learning_rate},
+            {"method": "IA3", "run": "r2"}]  # a row saved before the adapter was kept: a METHODS name
+    save_shootout(Shootout(task="sorting", budget={**budget.__dict__, "seconds": 12.5}, methods=rows, name="s",
+                           model="some/model"), store)
+    session = ShootoutSession.reopen(store)
+    assert session.task == "sorting" and session.budget == budget and session.model == "some/model"
+    assert session.methods == [mine, SHOOTOUT["IA3"]]
+    broken = [{"method": "odd", "run": "r3", "adapter": {"preset": "lora_attention", "rank": 0}, "learning_rate": 1e-3}]
+    save_shootout(Shootout(task="dates", budget={"steps": True}, methods=broken, name="t"), store)
+    session = ShootoutSession.reopen(store)  # a file's bad settings: shown, said, not reused
+    assert session.result.name == "t" and session.methods is None and "can't be reused" in session.line
+    assert "adapter.rank=0 is not allowed" in session.line

@@ -94,10 +94,25 @@ class Shootout:
     zero_shot: dict | None = None  # the base model's score on the same items, for reference
     saved: float | None = None  # when it was saved (seconds since the epoch): the latest is the last saved
     scored: bool = True  # False: the runs' facts only (saved before scoring; scoring did not finish)
+    model: str | None = None  # the model spec every method trained
     curves: dict[str, list[list[float]]] = field(default_factory=dict)  # method -> [[step, loss], ...]
 
     def table(self) -> list[dict]:
         return [dict(r) for r in self.methods]
+
+    def settings(self) -> tuple[list["Method"], "Budget"]:
+        """The methods and the budget it was run with (to run it again); refused by name if the file's are not
+        valid settings."""
+        methods = []
+        for r in self.methods:
+            if isinstance(r.get("adapter"), dict):
+                methods.append(Method(str(r["method"]), dict(r["adapter"]), r.get("learning_rate")))
+            elif r.get("method") in METHODS:  # saved before the adapter was kept in the row
+                methods.append(METHODS[r["method"]])
+            else:
+                raise RunConfigError(f"method {r.get('method')!r} of shoot-out {self.name!r} has no adapter settings")
+        budget = Budget(**{k: self.budget[k] for k in Budget.__dataclass_fields__ if k in (self.budget or {})})
+        return methods, budget
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -375,7 +390,8 @@ def compare_methods(task: str = "dates", methods: Sequence[Method | str] | None 
     started = time.perf_counter()
     failed: dict[str, str] = {}
     trained = _train(cfgs, progress, stop, on_run, failed)
-    result = Shootout(task=task, budget=asdict(budget), methods=[], name=name, complete=False, scored=False)
+    result = Shootout(task=task, budget=asdict(budget), methods=[], name=name, complete=False, scored=False,
+                      model=model)
     _fill(result, trained, failed, None, None, len(chosen))
     if not any(r.get("run") for r in result.methods):  # nothing ran: no table to keep, the latest stays the latest
         result.budget["seconds"] = time.perf_counter() - started
@@ -449,7 +465,8 @@ def _fill(result: Shootout, trained, failed: dict[str, str], comparison, base_pa
         curves[method.name] = facts.pop("curve")
         s = summary.get(method.name, {})
         f = comparison.forgetting.get(method.name, {}) if comparison is not None else {}
-        rows.append({"method": method.name, "preset": method.adapter["preset"], "learning_rate": method.learning_rate,
+        rows.append({"method": method.name, "preset": method.adapter["preset"], "adapter": dict(method.adapter),
+                     "learning_rate": method.learning_rate,
                      **facts, "score": _finite(s.get("score")), "score_ci": [_finite(x) for x in s.get("score_ci", ())],
                      "n": s.get("n"), "kl": _finite(f.get("kl")), "general_ppl": _finite(f.get("general_ppl_adapter"))})
     for r in rows:

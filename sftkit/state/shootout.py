@@ -38,6 +38,7 @@ class ShootoutSession(Observable):
     @classmethod
     def reopen(cls, store: str | Path = "runs") -> "ShootoutSession":
         """The latest saved shoot-out of a run store (``result`` None when there is none)."""
+        from ..core.runconfig import RunConfigError
         from ..engine.shootout import latest_shootout
 
         session = cls(store=store)
@@ -45,6 +46,11 @@ class ShootoutSession(Observable):
         if session.result is not None:
             session.task = session.result.task
             session.line = f"saved shoot-out {session.result.name}"
+            session.model = session.result.model or session.model
+            try:  # Start runs it again as it was: the same methods and budget
+                session.methods, session.budget = session.result.settings()
+            except (RunConfigError, TypeError) as exc:
+                session.line += f" (its methods and budget can't be reused: {exc})"
         return session
 
     @property
