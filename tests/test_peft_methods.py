@@ -524,3 +524,15 @@ def test_reopened_shootout_session_restores_its_methods_budget_and_model(tmp_pat
     session = ShootoutSession.reopen(store)  # a file's bad settings: shown, said, not reused
     assert session.result.name == "t" and session.methods is None and "can't be reused" in session.line
     assert "adapter.rank=0 is not allowed" in session.line
+
+
+def test_shootout_runs_are_named_after_the_shootout_and_the_method():
+    from sftkit.engine.shootout import METHODS as SHOOTOUT
+    from sftkit.engine.shootout import Budget, Method, method_config
+
+    assert method_config("dates", SHOOTOUT["prompt tuning"], Budget(), name="cmp1").name == "shootout-cmp1-prompt-tuning"
+    assert method_config("dates", SHOOTOUT["LoRA"], Budget()).name == "shootout-LoRA"
+    long = method_config("dates", SHOOTOUT["LLaMA-Adapter"], Budget(), name="x" * 100).name
+    assert len(long) <= 64 and long.startswith("shootout-xxx") and long.endswith("-LLaMA-Adapter")
+    odd = Method("a/b c", {"preset": "ia3"}, 1e-3)
+    assert method_config("dates", odd, Budget(), name="n").name == "shootout-n-a-b-c"

@@ -233,10 +233,13 @@ def latest_shootout(store: str | Path = "runs") -> Shootout | None:
 
 # ---- running it ----------------------------------------------------------------------------------
 def method_config(task: str, method: Method, budget: Budget, *, model: str = "default", store: str | Path = "runs",
-                  name: str = "shootout") -> RunConfig:
-    """The run config of one contestant: the shared budget, the method's adapter and learning rate."""
+                  name: str | None = None) -> RunConfig:
+    """The run config of one contestant: the shared budget, the method's adapter and learning rate. Its run is
+    named ``shootout-<name>-<method>`` (the shoot-out's name cut short before the method's)."""
+    tail = re.sub(r"[^A-Za-z0-9_.-]+", "-", method.name).strip("-")[:40] or "method"
+    head = "shootout" + (f"-{name}"[:64 - len("shootout") - 1 - len(tail)] if name else "")
     return RunConfig.from_dict({
-        "name": f"{name}-{method.name}".replace(" ", "-").replace("/", "-")[:64], "store": str(store),
+        "name": f"{head}-{tail}", "store": str(store),
         "model": {"spec": model},
         "data": {"source": f"teaching:{task}", "rows": budget.rows, "split_seed": budget.seed,
                  "max_eval_rows": budget.eval_items, "sample_prompts": 1, "eval_fraction": 0.2},
@@ -386,7 +389,7 @@ def compare_methods(task: str = "dates", methods: Sequence[Method | str] | None 
     budget = budget or Budget()
     chosen = _resolve_methods(methods)
     name = check_shootout_name(f"{datetime.now():%Y%m%d-%H%M%S}-{task}" if name is None else name)  # before training
-    cfgs = [(m, method_config(task, m, budget, model=model, store=store)) for m in chosen]  # all checked first
+    cfgs = [(m, method_config(task, m, budget, model=model, store=store, name=name)) for m in chosen]  # checked first
     started = time.perf_counter()
     failed: dict[str, str] = {}
     trained = _train(cfgs, progress, stop, on_run, failed)
