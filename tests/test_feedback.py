@@ -179,6 +179,23 @@ def test_a_missing_preference_column_is_named_before_any_process_starts(tmp_path
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
+def test_preference_settings_trl_would_refuse_in_the_process_are_refused_by_the_config(tmp_path):
+    from sftkit.core.runconfig import RunConfig, RunConfigError
+
+    base = {"name": "p", "store": str(tmp_path / "runs"), "objective": "dpo", "data": {"source": "pairs.jsonl"},
+            "template": dates_template().to_dict()}
+    for preset, extra in (("bitfit", {}), ("freeze_tuning", {"top_n": 1}), ("none", {})):
+        with pytest.raises(RunConfigError, match=f"adapter.preset='{preset}' is not allowed with objective dpo"):
+            RunConfig.from_dict({**base, "adapter": {"preset": preset, **extra}})
+    RunConfig.from_dict({**base, "adapter": {"preset": "none", "add_lora": ["model.layers.0.self_attn.q_proj"]}})
+    RunConfig.from_dict({**base, "objective": "sft", "adapter": {"preset": "bitfit"}})  # sft trains in place
+    with pytest.raises(RunConfigError, match="training.batch_size=1 is not allowed with objective kto.*allowed: 2"):
+        RunConfig.from_dict({**base, "objective": "kto", "training": {"batch_size": 1}})
+    RunConfig.from_dict({**base, "objective": "kto", "training": {"batch_size": 1},
+                         "preference": {"loss_type": "apo_zero_unpaired"}})
+    RunConfig.from_dict({**base, "objective": "dpo", "training": {"batch_size": 1}})
+
+
 # ---- preference runs on a tiny model ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def sft_run(tiny_llama_dir, default_model_folder, tmp_path_factory):

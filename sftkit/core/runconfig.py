@@ -33,6 +33,7 @@ WARMUP_ALLOWED = "a fraction of the steps in [0, 1) or a whole number of steps"
 OBJECTIVES = ("sft", "dpo", "kto")
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "sigmoid_norm", "apo_zero", "apo_down")
 KTO_LOSSES = ("kto", "apo_zero_unpaired")
+IN_PLACE_PRESETS = ("freeze_tuning", "bitfit")  # they train the model's own weights: no adapter for a preference run
 
 
 class RunConfigError(ConfigError):
@@ -310,6 +311,22 @@ class RunConfig:
             losses = DPO_LOSSES if self.objective == "dpo" else KTO_LOSSES
             _need(loss in losses, "preference.loss_type", loss, f"auto or one of {', '.join(losses)} for objective "
                   f"{self.objective}")
+        if self.objective != "sft":
+            self._check_preference()
+
+    def _check_preference(self) -> None:
+        """What TRL or the preference recipe would refuse only after the run's process started."""
+        a = self.adapter
+        if a.init_from is None and (a.preset in IN_PLACE_PRESETS or (a.preset == "none" and not a.add_lora)):
+            raise RunConfigError(f"adapter.preset={a.preset!r} is not allowed with objective {self.objective}: it trains "
+                                 "the model's own weights, and a preference run trains an adapter (its frozen reference "
+                                 "is the starting adapter on the same base model, not a second full model); allowed: a "
+                                 "lora_*, ia3 or prompt preset, or adapter.init_from (a finished run's adapter)")
+        loss = self.preference.resolved_loss(self.objective)
+        if self.objective == "kto" and loss != "apo_zero_unpaired" and self.training.batch_size < 2:
+            raise RunConfigError(f"training.batch_size={self.training.batch_size} is not allowed with objective kto "
+                                 f"(loss {loss}): KTO estimates its KL term from the other rows of a batch; allowed: 2 "
+                                 "or more, or preference.loss_type apo_zero_unpaired (no KL term)")
 
     # ---- derived --------------------------------------------------------------------
     def resolved_template(self) -> Template:
