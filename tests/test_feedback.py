@@ -411,6 +411,30 @@ def test_the_collector_ranks_by_click_order_takes_thumbs_and_a_written_answer(tm
     c.session.stop()
 
 
+def test_candidates_end_at_every_stop_id_the_generation_config_and_the_tokenizer_name(tiny_llama_dir):
+    """The comparison's stop ids in sampling: the tokenizer's end of sequence ends an answer even where the
+    generation config names another one. Sampled once; then a token from inside the first candidate is made
+    the tokenizer's eos and the same draw (same seed) must end just before it."""
+    import copy
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sftkit.engine.preference import sample_candidates
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir)).eval()
+    tok = AutoTokenizer.from_pretrained(str(tiny_llama_dir))
+    rows = date_rows(2)
+    first = sample_candidates(model, tok, dates_template(), rows, k=2, temperature=1.5, max_new_tokens=12, seed=5)
+    ids = tok(first[0][0], add_special_tokens=False)["input_ids"]
+    assert len(ids) >= 4, first
+    model.generation_config.eos_token_id = [tok.eos_token_id]  # the generation config does not name the new eos
+    ended = copy.copy(tok)
+    ended.eos_token = tok.convert_ids_to_tokens(ids[3])
+    assert ended.pad_token_id == tok.pad_token_id != ended.eos_token_id
+    again = sample_candidates(model, ended, dates_template(), rows, k=2, temperature=1.5, max_new_tokens=12, seed=5)
+    assert again[0][0] == tok.decode(ids[:3]).strip(), (first[0][0], again[0][0])
+
+
 def test_after_stop_the_collector_says_stopped_and_next_samples_again(tmp_path, tiny_model):
     rows = date_rows(4)
     c = collector(tmp_path, tiny_model, rows, k=2)

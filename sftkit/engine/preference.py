@@ -81,18 +81,28 @@ def build_preference_model(cfg: RunConfig, setting: Setting) -> ModelParts:
 def sample_candidates(model, tokenizer, template: Template, rows: list[dict], *, k: int = 2, temperature: float = 0.8,
                       top_p: float = 0.95, max_new_tokens: int = 32, seed: int = 0, stop=None) -> list[list[str]]:
     """``k`` sampled answers per row (the template's prompt without its few-shot examples, as the run trains
-    and answers), batched with left padding. ``stop``: a threading.Event checked between tokens."""
+    and answers), batched with left padding. ``stop``: a threading.Event checked between tokens. The
+    comparison's safeguards (``compare.py``): every stop id ends an answer (the generation config's and the
+    tokenizer's end of sequence), no KV cache for prompt / p- / prefix tuning, prefix tuning one row at a time."""
     import copy
 
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList
 
+    from .compare import NO_CACHE_TYPES, _active_peft_type, _stop_ids
+
+    kind = _active_peft_type(model)
+    if kind == "PREFIX_TUNING" and len(rows) > 1:  # left padding breaks prefix tuning
+        return [sample_candidates(model, tokenizer, template, [row], k=k, temperature=temperature, top_p=top_p,
+                                  max_new_tokens=max_new_tokens, seed=seed + i, stop=stop)[0]
+                for i, row in enumerate(rows)]
     tok = copy.copy(tokenizer)  # our own padding side; the caller's tokenizer is untouched
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
     prompts = [template.prompt_text(r, tok, with_examples=False) for r in rows]
     enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    stops = _stop_ids(model, tok)
 
     class _Stop(StoppingCriteria):
         def __call__(self, input_ids, scores, **kwargs):
@@ -106,10 +116,13 @@ def sample_candidates(model, tokenizer, template: Template, rows: list[dict], *,
         with torch.no_grad():
             out = model.generate(**enc, do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
                                  num_return_sequences=k, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
+                                 eos_token_id=sorted(stops), use_cache=kind not in NO_CACHE_TYPES,
                                  stopping_criteria=StoppingCriteriaList([_Stop()]))
     finally:
         model.train(was_training)
-    texts = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    new = out[:, enc["input_ids"].shape[1]:].tolist()
+    new = [seq[:next((j for j, t in enumerate(seq) if t in stops), len(seq))] for seq in new]  # up to its stop
+    texts = tok.batch_decode(new, skip_special_tokens=True)
     return [[t.strip() for t in texts[i * k:(i + 1) * k]] for i in range(len(rows))]
 
 
