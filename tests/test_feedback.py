@@ -196,6 +196,19 @@ def test_preference_settings_trl_would_refuse_in_the_process_are_refused_by_the_
     RunConfig.from_dict({**base, "objective": "dpo", "training": {"batch_size": 1}})
 
 
+def test_the_few_pairs_count_is_every_row_of_the_data_not_the_held_out_rows_kept(tmp_path):
+    from sftkit.core.runconfig import RunConfig
+    from sftkit.core.rundata import run_rows
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(24))
+    cfg = RunConfig.from_dict({"name": "p", "store": str(tmp_path / "runs"), "objective": "dpo",
+                               "data": {"source": str(data), "eval_fraction": 0.25, "max_eval_rows": 4},
+                               "template": dates_template().to_dict()})
+    rows = run_rows(cfg)
+    assert len(rows.train) == 18 and len(rows.eval) == 4  # 6 prompts held out, 4 kept for evaluation
+    assert rows.n_rows == 24
+
+
 # ---- preference runs on a tiny model ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def sft_run(tiny_llama_dir, default_model_folder, tmp_path_factory):
@@ -255,7 +268,7 @@ def test_a_tiny_dpo_run_through_the_process_entry_writes_preference_curves_and_a
     assert arrays["rewards/margins"][0].tolist() == [1.0, 2.0] and len(arrays["eval_rewards/accuracies"][0]) >= 1
     started = next(e for e in run.events() if e["event"] == "started")
     assert started["train_rows"] == 18 and started["eval_rows"] == 4  # 24 pairs, a quarter of the prompts held out
-    assert any(e["event"] == "warning" and "only 22 preference rows" in e["message"] for e in run.events())
+    assert any(e["event"] == "warning" and "only 24 preference rows" in e["message"] for e in run.events())
     # the adapter is a plain peft adapter, without the reference copy
     assert not (run.adapter_dir / "ref").exists()
     base = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir))

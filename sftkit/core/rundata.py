@@ -17,6 +17,7 @@ class RunRows:
     eval: list[dict]
     samples: list[dict]  # fixed held-out rows the run generates from
     objective: str = "sft"  # dpo / kto: the rows are preference rows (see sftkit.core.preferences)
+    n_rows: int | None = None  # preference runs: every row of the data (train and held-out, before max_eval_rows)
 
 
 def run_rows(cfg: RunConfig) -> RunRows:
@@ -93,7 +94,7 @@ def _preference_rows(cfg: RunConfig, rows: list[dict]) -> RunRows:
         if key not in seen and len(samples) < d.sample_prompts:
             seen.add(key)
             samples.append(answer_view(template, r))
-    return RunRows(template, train, evals, samples, cfg.objective)
+    return RunRows(template, train, evals, samples, cfg.objective, n_rows=len(rows))
 
 
 # ---- rendering: what each row trains -------------------------------------------------------------

@@ -307,7 +307,7 @@ def preference(cfg: RunConfig, run: RunFolder, writer: RunWriter | None, rows: R
                      rank=int(os.environ.get("RANK", "0")), stop_signal=stop_signal)
     trainer = build_preference_trainer(cfg, parts, data, ctx, setting)
     checkpoint = begin(ctx, parts, data, resume=resume, process_started=process_started)
-    n_pairs = len(rows.train) + len(rows.eval)
+    n_pairs = rows.n_rows if rows.n_rows is not None else len(rows.train) + len(rows.eval)  # max_eval_rows aside
     _warn(ctx, trainer.state.global_step, preference_warnings(n_pairs, []))
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     _final_eval(ctx, trainer, data)
