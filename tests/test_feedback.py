@@ -322,10 +322,14 @@ def test_with_the_sft_adapter_as_reference_the_reference_log_probs_are_that_adap
         return (logp * batch["completion_mask"][:, 1:]).sum(1)
 
     expected = sequence_logps(fresh)
+    with fresh.disable_adapter():
+        base = sequence_logps(fresh)
+    assert (expected - base).abs().max() > 1e-2  # the SFT adapter answers differently from the base model...
     assert torch.allclose(torch.cat([ref_chosen, ref_rejected]), expected, atol=1e-3), (ref_chosen, expected)
     model.eval()
     policy = sequence_logps(model)  # the trained adapter: moved away from the reference
     assert (policy - expected).abs().max() > 1e-2
+    assert not torch.allclose(torch.cat([ref_chosen, ref_rejected]), base, atol=1e-3)  # ...and the reference is it
     saved = load_file(str(sft_run.adapter_dir / "adapter_model.safetensors"))
     ref_a = next(p for n, p in model.named_parameters() if ".ref." in n and "lora_A" in n)
     assert any(torch.allclose(ref_a, t) for t in saved.values() if t.shape == ref_a.shape)
@@ -366,22 +370,22 @@ def collector(tmp_path, tiny_model, rows, **kwargs):
 def test_the_collector_rates_by_buttons_and_keys_and_undoes(tmp_path, tiny_model):
     rows = date_rows(6)
     rows[0] = {**rows[0], "text": "<script>alert(1)</script> May 3, 2001"}
-    c = collector(tmp_path, tiny_model, rows, k=2)
+    c = collector(tmp_path, tiny_model, rows, k=2, temperature=1.5)
     assert "&lt;script&gt;" in c.prompt.value and "<script>" not in c.prompt.value
     first = c.session.current
+    assert first.candidates[0] != first.candidates[1]  # seeded sampling: the same two answers every run
     c.a_button.click()  # A better
     c.wait_ready(120)
     store = c.session.store
     [pair] = store.ratings()
-    assert (pair.chosen, pair.rejected) == tuple(first.candidates) or first.candidates[0] == first.candidates[1]
+    assert (pair.chosen, pair.rejected) == tuple(first.candidates)
     assert pair.model == "tiny" and pair.sampling["k"] == 2 and pair.source == "person"
-    assert "<b>1</b> pairs" in c.counter.value or first.candidates[0] == first.candidates[1]
+    assert "<b>1</b> pairs" in c.counter.value
     c.press("u")  # undo: the pair is taken back and its prompt is shown again
     assert store.ratings() == [] and c.session.current.row == first.row
     c.keys._on_message(c.keys, {"key": "2"}, [])  # the key box's message, as the browser sends it
     c.wait_ready(120)
-    assert len(store.ratings()) == 1 and store.ratings()[0].rejected == first.candidates[0] or \
-        first.candidates[0] == first.candidates[1]
+    assert len(store.ratings()) == 1 and store.ratings()[0].rejected == first.candidates[0]
     c.skip_button.click()
     c.wait_ready(120)
     c.tie_button.click()
@@ -398,12 +402,13 @@ def test_the_collector_ranks_by_click_order_takes_thumbs_and_a_written_answer(tm
     assert len(item.candidates) == 3 and len(c.candidates.children) == 3
     picks = [row.children[0] for row in c.candidates.children]  # "A first", "B first", "C first"
     picks[2].click()
-    picks[0].click()  # C best, then A, B last: three pairs (fewer only if two answers are the same text)
+    picks[0].click()  # C best, then A, B last: three pairs
     c.wait_ready(120)
     store = c.session.store
     made = {(r.chosen, r.rejected) for r in store.ratings()}
     a, b, cc = item.candidates
-    assert made == {(x, y) for x, y in ((cc, a), (cc, b), (a, b)) if x != y}
+    assert len({a, b, cc}) == 3  # seeded sampling: three different answers every run
+    assert made == {(cc, a), (cc, b), (a, b)}
     assert len({r.group for r in store.ratings()}) == 1
     # thumbs: one per answer; the prompt moves on after the last
     item = c.session.current
