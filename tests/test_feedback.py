@@ -429,6 +429,25 @@ def test_the_collector_ranks_by_click_order_takes_thumbs_and_a_written_answer(tm
     c.session.stop()
 
 
+def test_each_rating_records_the_settings_its_candidates_were_drawn_with(tmp_path, tiny_model):
+    """Changing the sampling while a prompt is shown applies to the next prompts; the ratings of the prompt
+    on screen keep the settings (and the seed) its candidates were really drawn with."""
+    c = collector(tmp_path, tiny_model, date_rows(4), k=2, temperature=1.5)
+    shown = c.session.current
+    c.session.set_sampling(k=3, temperature=0.7)
+    c.a_button.click()
+    nxt = c.wait_ready(120)
+    [pair] = c.session.store.ratings()
+    assert pair.sampling["k"] == 2 and pair.sampling["temperature"] == 1.5 and len(shown.candidates) == 2
+    assert len(nxt.candidates) == 3
+    c.tie_button.click()
+    c.wait_ready(120)
+    tie = c.session.store.ratings()[-1]
+    assert tie.kind == "tie" and tie.sampling["k"] == 3 and tie.sampling["temperature"] == 0.7
+    assert tie.sampling["seed"] != pair.sampling["seed"]  # each draw's own seed, so a draw can be repeated
+    c.session.stop()
+
+
 def test_candidates_end_at_every_stop_id_the_generation_config_and_the_tokenizer_name(tiny_llama_dir):
     """The comparison's stop ids in sampling: the tokenizer's end of sequence ends an answer even where the
     generation config names another one. Sampled once; then a token from inside the first candidate is made
@@ -447,7 +466,10 @@ def test_candidates_end_at_every_stop_id_the_generation_config_and_the_tokenizer
     assert len(ids) >= 4, first
     model.generation_config.eos_token_id = [tok.eos_token_id]  # the generation config does not name the new eos
     # a token of the first answer that does not occur before its own place (so the answer must end just there)
-    j = next(i for i in range(2, len(ids)) if ids[i] not in ids[:i])
+    # and whose text is nowhere in the prompts: an eos is a special token, so it would change their tokens
+    prompts = [dates_template().prompt_text(r, tok, with_examples=False) for r in rows]
+    j = next(i for i in range(2, len(ids))
+             if ids[i] not in ids[:i] and not any(tok.convert_ids_to_tokens(ids[i]) in p for p in prompts))
     ended = copy.copy(tok)
     ended.eos_token = tok.convert_ids_to_tokens(ids[j])
     assert ended.pad_token_id == tok.pad_token_id != ended.eos_token_id

@@ -149,7 +149,10 @@ def test_feedback_notebook_labels_rates_trains_dpo_and_compares(workdir, monkeyp
     assert "Dataset({" in text and "'chosen'" in text
     ratings = workdir / "runs" / "feedback" / "dates" / "ratings.jsonl"
     lines = [json.loads(line) for line in ratings.read_text().splitlines()]
-    assert sum(r.get("source") == "person" and r["kind"] == "pair" for r in lines) >= 3  # the three written answers
+    # the three written answers: each gives a pair per differing candidate, or a tie when the model had it right
+    written = {r["group"] for r in lines if r.get("source") == "person" and r["kind"] in ("pair", "tie")}
+    assert len(written) == 3, lines
+    assert all(r["chosen"] == r["row"]["iso"] for r in lines if r.get("source") == "person" and r["kind"] == "pair")
     assert (workdir / "exports" / "dates-pairs.parquet").is_file()
     dpo = [p for p in (workdir / "runs").iterdir() if p.name.endswith("-dates-dpo")]
     assert len(dpo) == 1 and (dpo[0] / "adapter" / "adapter_config.json").is_file()

@@ -38,6 +38,7 @@ class Item:
     candidates: list[str]
     thumbs: dict[int, bool] = field(default_factory=dict)
     thumb_ids: dict[int, str] = field(default_factory=dict)  # candidate -> the stored rating of its thumb
+    sampling: dict | None = None  # the settings (and seed) these candidates were drawn with
 
     def forget(self, rating_ids: set[str]) -> None:
         """The thumbs whose ratings were taken back are gone; the others stay (they are still stored)."""
@@ -120,13 +121,17 @@ class FeedbackSession(Observable):
     def remaining(self) -> int:
         return len(self._queue) + (1 if self.current is not None else 0)
 
-    def _sample(self, rows: list[dict]) -> list[list[str]]:
+    def _sample(self, rows: list[dict]) -> tuple[list[list[str]], dict]:
+        """The candidates of ``rows`` and the settings they were drawn with (read once: a change of the
+        settings while sampling applies to the next draw, and every rating records what was used)."""
         from ..engine.preference import sample_candidates
 
         self._draws += 1
-        return sample_candidates(self.model, self.tokenizer, self.template, rows, k=self.k,
-                                 temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_new_tokens,
-                                 seed=self.seed * 100003 + self._draws, stop=self._stop)
+        used = {**self.sampling, "seed": self.seed * 100003 + self._draws}
+        cands = sample_candidates(self.model, self.tokenizer, self.template, rows, k=used["k"],
+                                  temperature=used["temperature"], top_p=used["top_p"],
+                                  max_new_tokens=used["max_new_tokens"], seed=used["seed"], stop=self._stop)
+        return cands, used
 
     def _run(self, work: Callable[[], str | None], name: str, then: Callable[[], None] | None = None) -> None:
         """``work`` in a thread; the event it returns is sent once ``busy`` is False (so a view drawing on
@@ -173,13 +178,14 @@ class FeedbackSession(Observable):
 
             def work():
                 self._notify(SAMPLING)
-                candidates = self._sample([row])[0]
+                cands, used = self._sample([row])
+                candidates = cands[0]
                 if self._stop.is_set():
                     return STOPPED
                 with self._lock:
                     if self._queue and self._queue[0] is row:
                         self._queue.pop(0)
-                    self.current = Item(row, self.template.user_text(row), candidates)
+                    self.current = Item(row, self.template.user_text(row), candidates, sampling=used)
                 return READY
 
             self._run(work, "sample")
@@ -220,7 +226,7 @@ class FeedbackSession(Observable):
         return self.current
 
     def _common(self, item: Item) -> dict:
-        return {"model": self.model_label, "sampling": self.sampling, "candidates": tuple(item.candidates)}
+        return {"model": self.model_label, "sampling": item.sampling or self.sampling, "candidates": tuple(item.candidates)}
 
     def _advance(self, item: Item) -> None:
         with self._lock:
@@ -341,7 +347,8 @@ class FeedbackSession(Observable):
                     item.forget(ids)
                 else:  # rated in an earlier session: its stored candidates, and the thumbs still stored
                     g = gone[0]
-                    item = Item(dict(g.row), g.prompt, list(g.candidates) or [c for c in (g.chosen, g.rejected) if c])
+                    item = Item(dict(g.row), g.prompt, list(g.candidates) or [c for c in (g.chosen, g.rejected) if c],
+                                sampling=g.sampling)
                     for r in self.store.ratings():
                         if r.kind == "single" and r.key == key and r.source == "person":
                             i = next((j for j, c in enumerate(item.candidates) if c == r.completion
@@ -373,13 +380,13 @@ class FeedbackSession(Observable):
                 if self._stop.is_set():
                     break
                 batch = todo[start:start + batch_size]
-                cands = self._sample(batch)
+                cands, used = self._sample(batch)
                 if self._stop.is_set():
                     break
                 for row, candidates in zip(batch, cands):
                     scores = [float(self.scorer(c, row)) for c in candidates]
                     prompt = self.template.user_text(row)
-                    common = {"model": self.model_label, "sampling": self.sampling, "candidates": tuple(candidates),
+                    common = {"model": self.model_label, "sampling": used, "candidates": tuple(candidates),
                               "source": "scorer"}
                     pairs = scorer_pairs(candidates, scores)
                     group = uuid.uuid4().hex[:12]
