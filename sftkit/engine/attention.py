@@ -11,12 +11,20 @@ float16 values are 8.4 GiB for a 4k-token prompt on the default model). Every ca
 memory from the token count before it runs the model and refuses, naming the numbers, when the
 estimate is over ``max_bytes`` (``MAX_CAPTURE_BYTES`` unless given): capture fewer ``layers=``, a
 shorter prompt, or raise ``max_bytes=``.
+
+Prompt methods (peft's prompt tuning, p-tuning, prefix tuning) put ``n_virtual`` trained positions
+in front of the text: the capture knows them (``AttentionCapture.n_virtual``, tokens ``<v0>`` ...)
+and ``virtual_share()`` says how much of the real tokens' attention goes to them. Prompt tuning and
+p-tuning prepend input embeddings, so the virtual positions are queries and keys; prefix tuning
+prepends keys and values in every layer, so they are keys only (their rows stay empty). LLaMA-Adapter
+(adaption prompt) attends to its prompt in a separate gated softmax that the maps don't hold: its
+gates are recorded per layer (``prompt_gates``).
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import numpy as np
@@ -26,7 +34,9 @@ from ..core.template import Segment
 from ..core.tokens import TokenPiece, readable_tokens
 from .anatomy import base_model_of, find_blocks
 
-SUMMARIES = ("entropy", "sink", "previous", "system", "example", "user", "answer")
+SUMMARIES = ("entropy", "sink", "previous", "system", "example", "user", "answer", "virtual")
+# peft's prompt-learning types whose virtual positions are in the attention maps, by sftkit's method name
+VIRTUAL_METHODS = {"PROMPT_TUNING": "prompt_tuning", "P_TUNING": "p_tuning", "PREFIX_TUNING": "prefix_tuning"}
 
 MAX_CAPTURE_BYTES = 2**30  # 1 GiB: the default limit of one capture (or one adapter_diff)
 _KEPT_BYTES = 2  # float16 per kept probability
@@ -97,12 +107,52 @@ def _n_query_heads(model, module) -> int:
     raise ValueError(f"can't tell the number of attention heads of {type(module).__name__}")
 
 
+def virtual_positions(model) -> tuple[int, str]:
+    """The active adapter's virtual positions as (N, method): peft's prompt tuning and p-tuning put N input
+    positions in front of the text, prefix tuning N key/value positions in every layer. (0, "") for any
+    other model, and while the adapter is switched off (``adapter_disabled``)."""
+    if getattr(model, "_adapters_disabled", False):
+        return 0, ""
+    try:
+        cfg = getattr(model, "active_peft_config", None)
+    except (AttributeError, KeyError):  # a PeftModel without an active adapter
+        return 0, ""
+    kind = getattr(getattr(cfg, "peft_type", None), "value", getattr(cfg, "peft_type", None))
+    if kind in VIRTUAL_METHODS:
+        return int(cfg.num_virtual_tokens), VIRTUAL_METHODS[kind]
+    return 0, ""
+
+
+def virtual_pieces(n: int) -> list[TokenPiece]:
+    """The readable stand-ins of ``n`` virtual positions: ``<v0>`` ... (id -1: they are not tokens)."""
+    return [TokenPiece(-1, f"<v{i}>", True) for i in range(n)]
+
+
+def virtual_note(n: int, method: str) -> str:
+    """What ``n`` virtual positions of ``method`` are, in one sentence (plain text)."""
+    if not n:
+        return ""
+    names = f"<v0> to <v{n - 1}>" if n > 1 else "<v0>"
+    if method == "prefix_tuning":
+        return (f"{n} prefix positions in front ({names}): trained keys and values in every layer, not input "
+                "positions; the real tokens attend to them, they attend to nothing (their rows are empty)")
+    made = ", made by a prompt encoder (p-tuning)" if method == "p_tuning" else ""
+    return (f"soft prompt: {n} virtual tokens in front ({names}): trained input embeddings{made}, not text; "
+            "they attend and are attended like tokens")
+
+
 @dataclass
 class AttentionCapture:
     """Attention probabilities of some layers for one token sequence.
 
     probs: float16 array [n_layers, n_heads, T, T] (row = query token, column = key token).
     layers: the model layer index of each entry along the first axis.
+    n_virtual / method: the virtual positions a prompt method puts in front (0 and "" without one):
+        the first ``n_virtual`` positions of ``probs`` and ``tokens`` (``<v0>`` ...), then the real
+        tokens (``input_ids``). Prefix tuning's virtual positions are keys only: their rows are zero.
+        ``segments`` are positions in the capture (the template's spans moved by ``n_virtual``).
+    prompt_gates: LLaMA-Adapter's gate of each captured layer it adapts (its prompt is attended in a
+        separate softmax scaled by the gate, so it is not in ``probs``).
     """
 
     input_ids: list[int]
@@ -111,15 +161,42 @@ class AttentionCapture:
     probs: np.ndarray
     segments: tuple[Segment, ...] = ()
     label: str = ""
+    n_virtual: int = 0
+    method: str = ""
+    prompt_gates: dict[int, float] = field(default_factory=dict)
     _summary_cache: dict = field(default_factory=dict, repr=False)
 
     @property
     def n_tokens(self) -> int:
+        """Positions in the maps: the virtual ones and the real tokens."""
         return self.probs.shape[-1]
 
     @property
     def n_heads(self) -> int:
         return self.probs.shape[1]
+
+    @property
+    def n_real(self) -> int:
+        """The real tokens (the text's own), after the virtual positions."""
+        return self.n_tokens - self.n_virtual
+
+    @property
+    def real_tokens(self) -> list[TokenPiece]:
+        return self.tokens[self.n_virtual:]
+
+    @property
+    def virtual_queries(self) -> bool:
+        """Whether the virtual positions are queries too (prompt tuning, p-tuning), not keys only (prefix)."""
+        return self.n_virtual > 0 and self.method != "prefix_tuning"
+
+    @property
+    def note(self) -> str:
+        """What the virtual positions are (or LLaMA-Adapter's gates), in words; "" for a plain capture."""
+        if self.prompt_gates:
+            gates = ", ".join(f"layer {k} {v:+.3f}" for k, v in sorted(self.prompt_gates.items()))
+            return ("LLaMA-Adapter: its prompt is attended in a separate softmax scaled by a gate per layer, "
+                    f"not in these maps; gates: {gates}")
+        return virtual_note(self.n_virtual, self.method)
 
     def layer_index(self, layer: int) -> int:
         try:
@@ -152,10 +229,37 @@ class AttentionCapture:
     def span(self, role: str) -> list[tuple[int, int]]:
         return [(s.start, s.end) for s in self.segments if s.role == role or (role == "answer" and s.role == "end")]
 
+    def virtual_share(self, per_query: bool = False) -> np.ndarray:
+        """The share of the real tokens' attention that goes to the virtual positions: float32
+        [layers, heads], the mean over the real tokens' queries (``per_query``: [layers, heads, real
+        tokens], one value per query). Zeros when there are none."""
+        n = self.n_virtual
+        if per_query:
+            return np.stack([self.probs[li, :, n:, :n].astype(np.float32).sum(-1) for li in range(len(self.layers))])
+        return self.summary("virtual") if n else np.zeros((len(self.layers), self.n_heads), np.float32)
+
+    def real_share(self, per_query: bool = False) -> np.ndarray:
+        """The share of the real tokens' attention that stays on real tokens (``virtual_share``'s complement:
+        the two add up to 1 per query)."""
+        n = self.n_virtual
+        out = np.stack([self.probs[li, :, n:, n:].astype(np.float32).sum(-1) for li in range(len(self.layers))])
+        return out if per_query else out.mean(-1)
+
+    def real_block(self) -> "AttentionCapture":
+        """The same capture on the real tokens only (the virtual positions' rows and columns left out; a
+        view of ``probs``, no copy). Its rows sum to 1 minus what went to the virtual positions."""
+        n = self.n_virtual
+        if not n:
+            return self
+        segments = tuple(replace(s, start=s.start - n, end=s.end - n) for s in self.segments)
+        return AttentionCapture(self.input_ids, self.real_tokens, self.layers, self.probs[:, :, n:, n:], segments,
+                                self.label, prompt_gates=dict(self.prompt_gates))
+
     def summary(self, name: str) -> np.ndarray:
-        """Per layer x head: entropy (normalized to [0, 1]), attention to the first token
-        (sink), to the previous token, or the attention mass on a template span (system,
-        example, user, answer) from the answer's tokens (all tokens when there is no answer)."""
+        """Per layer x head, from the real tokens' queries: entropy (normalized to [0, 1]), attention
+        to the first position (sink; the first virtual token when a soft prompt is in front), to the
+        previous token, the attention mass on a template span (system, example, user, answer) from the
+        answer's tokens (all real tokens when there is no answer), or on the virtual positions (virtual)."""
         if name not in SUMMARIES:
             raise KeyError(f"unknown summary {name!r}; available: {', '.join(SUMMARIES)}")
         if name not in self._summary_cache:
@@ -164,29 +268,33 @@ class AttentionCapture:
 
     def _layer_summary(self, name: str, li: int) -> np.ndarray:
         p = self.probs[li].astype(np.float32)  # [H, T, T], one layer at a time keeps memory flat
-        T = self.n_tokens
+        T, n = self.n_tokens, self.n_virtual
         if name == "entropy":
-            if T < 2:
+            first = max(n, 1)  # row 0 attends only to itself; a real query i sees n + i + 1 keys
+            if T <= first:
                 return np.zeros(p.shape[0], np.float32)
-            rows = p[:, 1:]  # row 0 attends only to itself
+            rows = p[:, first:]
             plogp = rows * np.log(np.clip(rows, 1e-12, 1.0))
-            return (-plogp.sum(-1) / np.log(np.arange(2, T + 1))[None, :]).mean(-1)
+            return (-plogp.sum(-1) / np.log(np.arange(first + 1, T + 1))[None, :]).mean(-1)
         if name == "sink":
-            return p[:, :, 0].mean(-1)
+            return p[:, n:, 0].mean(-1)
         if name == "previous":
-            if T < 2:
+            if T - n < 2:
                 return np.zeros(p.shape[0], np.float32)
-            idx = np.arange(1, T)
+            idx = np.arange(n + 1, T)
             return p[:, idx, idx - 1].mean(-1)
+        if name == "virtual":
+            return p[:, n:, :n].sum(-1).mean(-1)
         cols = [i for a, b in self.span(name) for i in range(a, b)]
-        rows = [i for a, b in self.span("answer") for i in range(a, b)] or list(range(T))
+        rows = [i for a, b in self.span("answer") for i in range(a, b)] or list(range(n, T))
         if not cols:
             return np.zeros(p.shape[0], np.float32)
         return p[:, rows][:, :, cols].sum(-1).mean(-1)
 
     def available_summaries(self) -> list[str]:
         roles = {s.role for s in self.segments}
-        return [s for s in SUMMARIES if s in ("entropy", "sink", "previous") or s in roles]
+        return [s for s in SUMMARIES if s in ("entropy", "sink", "previous") or s in roles
+                or (s == "virtual" and self.n_virtual > 0)]
 
 
 @contextlib.contextmanager
@@ -244,19 +352,25 @@ def capture_attention(model, tokenizer, text: str | None = None, *, input_ids: S
                       label: str = "", max_bytes: int | None = None) -> AttentionCapture:
     """Attention probabilities of ``layers`` (default all) for ``text`` or ``input_ids``.
 
-    Works on full-precision, 4-bit and LoRA-wrapped models, as they are (an active adapter
-    is part of the capture; see ``adapter_disabled``). Refuses with AttentionTooLargeError,
-    before running the model, when the estimated memory is over ``max_bytes`` (default
-    ``MAX_CAPTURE_BYTES``, 1 GiB).
+    Works on full-precision, 4-bit and peft-wrapped models, as they are (an active adapter
+    is part of the capture; see ``adapter_disabled``). A prompt method's virtual positions come
+    first (``AttentionCapture.n_virtual``); ``segments`` are given in the text's own positions.
+    Refuses with AttentionTooLargeError, before running the model, when the estimated memory
+    (virtual positions included) is over ``max_bytes`` (default ``MAX_CAPTURE_BYTES``, 1 GiB).
     """
-    input_ids, modules, layers, n_heads = _plan_capture(model, tokenizer, text, input_ids, layers)
-    check_capture_size(len(input_ids), layers, n_heads, max_bytes)
-    return _capture(model, tokenizer, input_ids, modules, layers, segments, label)
+    input_ids, _, layers, n_heads = _plan_capture(model, tokenizer, text, input_ids, layers)
+    n_virtual, _ = virtual_positions(model)
+    check_capture_size(len(input_ids) + n_virtual, layers, n_heads, max_bytes)
+    return _capture(model, tokenizer, input_ids, layers, segments, label)
 
 
-def _capture(model, tokenizer, input_ids, modules, layers, segments, label) -> AttentionCapture:
+def _capture(model, tokenizer, input_ids, layers, segments, label) -> AttentionCapture:
     import torch
 
+    n, method = virtual_positions(model)
+    T = len(input_ids) + n
+    modules = _attention_modules(model)  # now: LLaMA-Adapter swaps its modules in and out with the adapter
+    queries = T if method != "prefix_tuning" else T - n  # prefix tuning adds keys and values, not queries
     slot = {layer: k for k, layer in enumerate(layers)}
     out: dict[str, np.ndarray] = {}  # one array for all layers, filled as each layer is computed
     filled: set[int] = set()
@@ -267,9 +381,15 @@ def _capture(model, tokenizer, input_ids, modules, layers, segments, label) -> A
             if weights is None:
                 raise RuntimeError("the attention module returned no probabilities; eager attention is needed")
             w = weights[0].detach().to("cpu", torch.float16).numpy()
-            if "probs" not in out:
-                out["probs"] = np.empty((len(layers),) + w.shape, np.float16)
-            out["probs"][slot[i]] = w
+            if w.shape[-2:] != (queries, T):
+                raise RuntimeError(
+                    f"layer {i}'s attention is {w.shape[-2]} queries x {w.shape[-1]} keys; expected {queries} x {T} "
+                    f"for {len(input_ids)} tokens" + (f" and {n} virtual positions ({method})" if n else "")
+                    + ": this model adds positions sftkit does not know")
+            if "probs" not in out:  # prefix tuning: the virtual positions' rows stay zero (they query nothing)
+                make = np.zeros if queries < T else np.empty
+                out["probs"] = make((len(layers), w.shape[0], T, T), np.float16)
+            out["probs"][slot[i], :, T - queries:] = w
             filled.add(i)
         return hook
 
@@ -287,8 +407,11 @@ def _capture(model, tokenizer, input_ids, modules, layers, segments, label) -> A
     missing = [i for i in layers if i not in filled]
     if missing:
         raise RuntimeError(f"the forward pass did not run the attention of layers {missing}")
-    return AttentionCapture(input_ids, readable_tokens(tokenizer, input_ids), layers, out["probs"],
-                            tuple(segments), label)
+    gates = {i: float(modules[i].adaption_gate.detach().float().reshape(-1)[0]) for i in layers
+             if getattr(modules[i], "adaption_gate", None) is not None}
+    moved = tuple(replace(s, start=s.start + n, end=s.end + n) for s in segments)
+    return AttentionCapture(input_ids, virtual_pieces(n) + readable_tokens(tokenizer, input_ids), layers,
+                            out["probs"], moved, label, n, method, gates)
 
 
 def capture_row(model, tokenizer, template, row: dict, *, few_shot: bool = True, **kwargs) -> AttentionCapture:
@@ -301,7 +424,7 @@ def capture_row(model, tokenizer, template, row: dict, *, few_shot: bool = True,
 
 @contextlib.contextmanager
 def adapter_disabled(model):
-    """The same model with its LoRA adapter switched off (a no-op for a plain model)."""
+    """The same model with its adapter switched off (a no-op for a plain model)."""
     if hasattr(model, "disable_adapter"):
         with model.disable_adapter():
             yield
@@ -311,15 +434,28 @@ def adapter_disabled(model):
 
 @dataclass
 class AttentionDiff:
-    """``after`` minus ``before`` on the same tokens: signed maps and per-head change."""
+    """``after`` minus ``before`` on the same tokens: signed maps and per-head change.
+
+    When one side has virtual positions the other lacks (a prompt method against its base model),
+    the maps compare the real tokens only: ``before`` / ``after`` are then the captures' real blocks,
+    ``full`` the two captures as taken, ``moved`` [layers, heads, real tokens] the attention each real
+    query sends to virtual positions (either side's), and ``note`` says so.
+    """
 
     before: AttentionCapture
     after: AttentionCapture
     delta: np.ndarray  # float32 [L, H, T, T]
+    moved: np.ndarray | None = None
+    full: tuple[AttentionCapture, AttentionCapture] | None = None
+    note: str = ""
 
     @property
     def layers(self) -> list[int]:
         return self.after.layers
+
+    @property
+    def has_virtual(self) -> bool:
+        return self.full is not None
 
     def head(self, layer: int, head: int | str, window: tuple[int, int] | None = None) -> np.ndarray:
         d = self.delta[self.after.layer_index(layer)]
@@ -344,20 +480,42 @@ class AttentionDiff:
 
     def change(self) -> np.ndarray:
         """Per layer x head: mean over query tokens of the total variation distance between
-        the two attention rows (0 = identical, 1 = disjoint)."""
-        return np.stack([0.5 * np.abs(d).sum(-1).mean(-1) for d in self.delta])  # a layer at a time
+        the two attention rows (0 = identical, 1 = disjoint). With virtual positions on one side
+        only, those are keys the other side gives nothing: their share counts as moved."""
+        tv = np.stack([np.abs(d).sum(-1) for d in self.delta])  # a layer at a time
+        if self.moved is not None:
+            tv += self.moved
+        return 0.5 * tv.mean(-1)
+
+    def virtual_share(self) -> np.ndarray:
+        """The virtual positions' share of the real tokens' attention [layers, heads]: after's minus
+        before's (a side without virtual positions gives 0)."""
+        b, a = self.full or (self.before, self.after)
+        return a.virtual_share() - b.virtual_share()
 
 
 def diff_captures(before: AttentionCapture, after: AttentionCapture) -> AttentionDiff:
+    """``after`` minus ``before``. Captures with different virtual positions (a prompt method vs its base)
+    are compared on their real tokens; the attention that went to virtual positions counts in ``change``."""
     if before.input_ids != after.input_ids:
         raise ValueError(
-            f"the two captures are of different tokens ({before.n_tokens} vs {after.n_tokens}); a map-by-map "
+            f"the two captures are of different tokens ({before.n_real} vs {after.n_real}); a map-by-map "
             "difference needs the same tokens: compare prompts of the same tokenization, or compare summaries")
     if before.layers != after.layers:
         raise ValueError(f"the two captures hold different layers ({before.layers} vs {after.layers})")
+    moved = full = None
+    note = ""
+    if (before.n_virtual, before.method) != (after.n_virtual, after.method):
+        full = (before, after)
+        moved = sum(c.virtual_share(per_query=True) for c in full if c.n_virtual)
+        sides = "; ".join(f"{c.label or which}: {c.note}" for which, c in (("before", before), ("after", after))
+                          if c.n_virtual)
+        note = (f"compared on the {after.n_real} real tokens only ({sides}); the other side has no such "
+                "positions, so the attention that goes to them counts as moved in 'change'")
+        before, after = before.real_block(), after.real_block()
     delta = after.probs.astype(np.float32)
     np.subtract(delta, before.probs, out=delta)  # no second float32 copy
-    return AttentionDiff(before, after, delta)
+    return AttentionDiff(before, after, delta, moved, full, note)
 
 
 def adapter_diff(model, tokenizer, text: str | None = None, *, input_ids: Sequence[int] | None = None,
@@ -365,12 +523,14 @@ def adapter_diff(model, tokenizer, text: str | None = None, *, input_ids: Sequen
                  max_bytes: int | None = None) -> AttentionDiff:
     """Base model vs fine-tuned adapter on the same input: one loaded model, adapter off then on.
 
-    ``max_bytes`` bounds the whole: both captures and their float32 difference, checked
-    before either forward pass.
+    Any peft method: a prompt method's virtual positions exist only with the adapter on, so the maps
+    compare the real tokens (``AttentionDiff.note`` says so). ``max_bytes`` bounds the whole: both
+    captures and their float32 difference, checked before either forward pass.
     """
-    input_ids, modules, layers, n_heads = _plan_capture(model, tokenizer, text, input_ids, layers)
-    check_capture_size(len(input_ids), layers, n_heads, max_bytes, diff=True)
+    input_ids, _, layers, n_heads = _plan_capture(model, tokenizer, text, input_ids, layers)
+    n_virtual, _ = virtual_positions(model)
+    check_capture_size(len(input_ids) + n_virtual, layers, n_heads, max_bytes, diff=True)
     with adapter_disabled(model):
-        before = _capture(model, tokenizer, input_ids, modules, layers, segments, "base")
-    after = _capture(model, tokenizer, input_ids, modules, layers, segments, "adapter")
+        before = _capture(model, tokenizer, input_ids, layers, segments, "base")
+    after = _capture(model, tokenizer, input_ids, layers, segments, "adapter")
     return diff_captures(before, after)

@@ -4,7 +4,8 @@ What the prompt builder shows, without any widget: the template's parts (user pa
 answer field, system prompt, assistant prefix, train_on, max_length), the few-shot examples,
 the selected row rendered to tokens with its loss mask and roles, the warnings and notes,
 and "try it" (the model answers the selected row: ``try_it`` blocking, ``start_try`` in a
-background thread).
+background thread). With a prompt method (``set_method``: a plan, a run config or a preset name),
+the preview also has that method's virtual tokens in front of the prompt (``VirtualTokens``).
 
 Every warning comes from ``sftkit.core.template`` (``Template.check_rows`` errors,
 ``Template.validate`` warnings, ``Template.structured_fields``), so the preview and a run's
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from ..core.data import load_rows
+from ..core.plan import PRESETS, PROMPT_FAMILIES
 from ..core.template import (
     RenderedExample,
     Template,
@@ -62,14 +64,87 @@ def error_text(exc: BaseException) -> str:
 
 
 @dataclass(frozen=True)
+class VirtualTokens:
+    """A prompt method's trained positions, as the preview shows them in front of the prompt.
+
+    n: how many (``adapter.virtual_tokens``); method: one of ``PROMPT_FAMILIES`` (prompt_tuning,
+    p_tuning, prefix_tuning, adaption_prompt); top_blocks: the blocks LLaMA-Adapter adapts (None:
+    all). They are trained embeddings, never labels: the loss mask does not cover them.
+    """
+
+    n: int
+    method: str
+    top_blocks: int | None = None
+
+    def __post_init__(self):
+        if self.method not in PROMPT_FAMILIES:
+            raise ValueError(f"method={self.method!r} has no virtual tokens; allowed: {', '.join(PROMPT_FAMILIES)}")
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or not 1 <= self.n <= 512:
+            raise ValueError(f"virtual_tokens={self.n!r} is not allowed; allowed: an integer from 1 to 512")
+
+    @property
+    def input_positions(self) -> bool:
+        """Prompt tuning and p-tuning put input positions in front (every row gets n longer); prefix
+        tuning and LLaMA-Adapter put theirs inside the attention of the blocks."""
+        return self.method in ("prompt_tuning", "p_tuning")
+
+    @property
+    def label(self) -> str:
+        """What the positions are, in one line (plain text)."""
+        n, s = self.n, "s" if self.n != 1 else ""
+        if self.method == "prompt_tuning":
+            return (f"soft prompt: {n} virtual token{s} (trained embeddings, not text) in front of every prompt; "
+                    f"every row is {n} positions longer, and they are never trained as labels")
+        if self.method == "p_tuning":
+            return (f"soft prompt: {n} virtual token{s} made by a prompt encoder (a small trained MLP), not text: "
+                    f"input positions in front of every prompt; every row is {n} positions longer, never labels")
+        if self.method == "prefix_tuning":
+            return (f"prefix: {n} virtual token{s} as trained keys and values in front of the attention of every "
+                    "layer, not input positions (the row is not longer; the tokens attend to them in each layer)")
+        where = f"the last {self.top_blocks} blocks" if self.top_blocks else "every block"
+        return (f"LLaMA-Adapter: {n} trained prompt vector{s} in the attention of {where}, behind a gate that "
+                "starts at 0; not input positions (the row is not longer)")
+
+    @classmethod
+    def of(cls, source: Any, virtual_tokens: int | None = None) -> "VirtualTokens | None":
+        """The virtual tokens of ``source``: a FreezePlan or PlanEditor (its plan), a RunConfig or its
+        ``adapter`` section, a ``VirtualTokens``, or a preset name (``virtual_tokens`` then gives n,
+        default 20). None for a method without them (LoRA, IA3, BitFit, ...) and for None."""
+        if source is None or isinstance(source, VirtualTokens):
+            return source
+        if isinstance(source, str):
+            if source not in PRESETS:
+                raise ValueError(f"method {source!r} is not a preset; allowed: {', '.join(PRESETS)}")
+            return cls(20 if virtual_tokens is None else virtual_tokens, source) if source in PROMPT_FAMILIES else None
+        source = getattr(source, "plan", source)  # a PlanEditor
+        source = getattr(source, "adapter", source)  # a RunConfig
+        if hasattr(source, "family"):  # a FreezePlan
+            method, n, top = source.family, source.virtual_tokens, source.top_blocks
+        elif hasattr(source, "preset"):  # a RunConfig's adapter section
+            method, n, top = source.preset, source.virtual_tokens, source.top_n
+        else:
+            raise TypeError(f"can't tell a method from {type(source).__name__}: pass a FreezePlan, a PlanEditor, "
+                            "a RunConfig (or its adapter section) or a preset name")
+        if method not in PROMPT_FAMILIES:
+            return None
+        return cls(n if virtual_tokens is None else virtual_tokens, method, top)
+
+
+@dataclass(frozen=True)
 class Preview:
-    """One row rendered: its tokens as readable pieces, the loss mask, each token's role."""
+    """One row rendered: its tokens as readable pieces, the loss mask, each token's role, and the
+    prompt method's virtual tokens that go in front (None without one)."""
 
     row_index: int
     rendered: RenderedExample
     pieces: tuple[TokenPiece, ...]
     roles: tuple[str, ...]  # system / example / user / prompt / answer / end / other, per token
     max_length: int
+    virtual: VirtualTokens | None = None
+
+    @property
+    def n_virtual(self) -> int:
+        return self.virtual.n if self.virtual else 0
 
     @property
     def loss_mask(self) -> list[int]:
@@ -131,7 +206,7 @@ class PromptDraft(Observable):
     ``check_all``: they land in ``error`` and the last good preview stays.
     """
 
-    def __init__(self, rows: Any, tokenizer, template: Template | None = None):
+    def __init__(self, rows: Any, tokenizer, template: Template | None = None, *, method: Any = None):
         self.rows: list[dict] = load_rows(rows)
         self.columns: list[str] = list(dict.fromkeys(k for r in self.rows for k in r))
         self.tokenizer = tokenizer
@@ -147,6 +222,7 @@ class PromptDraft(Observable):
         self._examples: list[dict] = [dict(e) for e in template.examples]
         self.row_index = 0
         self.mode = MODES[1] if self._examples else MODES[0]  # few-shot when the template brings examples
+        self.virtual: VirtualTokens | None = VirtualTokens.of(method)  # a prompt method's, shown in front
         self.preview: Preview | None = None  # the last good rendering
         self.error: str | None = None
         self.warnings: list[str] = []
@@ -226,6 +302,17 @@ class PromptDraft(Observable):
             if changed and refresh:
                 self.refresh()
 
+    def set_method(self, method: Any, virtual_tokens: int | None = None, *, refresh: bool = True) -> None:
+        """Show ``method``'s virtual tokens in front of the preview (``VirtualTokens.of``: a plan, a plan
+        editor, a run config, a preset name with ``virtual_tokens``); a method without them, or None,
+        takes them away. A bad value raises here and changes nothing."""
+        virtual = VirtualTokens.of(method, virtual_tokens)
+        with self._lock:
+            changed = virtual != self.virtual
+            self.virtual = virtual
+            if changed and refresh:
+                self.refresh()
+
     # ---- few-shot examples -------------------------------------------------------------------
     @property
     def examples(self) -> list[dict]:
@@ -287,7 +374,8 @@ class PromptDraft(Observable):
                 self.error = error_text(exc)
             else:
                 self.error, self.summary = None, None
-                self.preview = Preview(index, rendered, tuple(pieces), _roles(rendered), tpl.max_length)
+                self.preview = Preview(index, rendered, tuple(pieces), _roles(rendered), tpl.max_length,
+                                       self.virtual)
                 self.warnings = [w.replace("(rows 0", f"(row {index}") for w in report.warnings]
                 self.notes = _json_notes(tpl, self.rows)
             self._notify(PREVIEW)
@@ -388,4 +476,4 @@ def _json_notes(tpl: Template, rows: Sequence[dict]) -> list[str]:
             for name, hits in tpl.structured_fields(rows).items()]
 
 
-__all__ = ["PromptDraft", "Preview", "TryResult", "error_text"]
+__all__ = ["PromptDraft", "Preview", "TryResult", "VirtualTokens", "error_text"]

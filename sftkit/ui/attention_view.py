@@ -73,6 +73,8 @@ class AttentionView:
         self.max_window = max_window
         T, H = cap.n_tokens, cap.n_heads
         options = (["change"] if self.diff else []) + cap.available_summaries()
+        if self.diff and data.has_virtual:
+            options.append("virtual")  # the adapter's soft prompt / prefix: its share, against the base's none
         self.summary = W.Dropdown(options=options, value=options[0], description="Colour by")
         self.layer = W.SelectionSlider(options=cap.layers, value=cap.layers[0], description="Layer")
         self.head = W.Dropdown(options=[(f"head {h}", h) for h in range(H)] + [("mean of heads", "mean"),
@@ -83,7 +85,8 @@ class AttentionView:
                                        tooltip="tokens shown (long prompts: move the start)")
         self.window_start = W.IntSlider(value=max(0, T - size), min=0, max=max(0, T - size), description="From token",
                                         style={"description_width": "initial"})
-        self.query = W.IntSlider(value=T - 1, min=0, max=T - 1, description="Row: token",
+        first_query = cap.n_virtual if cap.n_virtual and not cap.virtual_queries else 0  # a prefix queries nothing
+        self.query = W.IntSlider(value=T - 1, min=first_query, max=T - 1, description="Row: token",
                                  style={"description_width": "initial"})
         self.info = W.HTML()
         self.cells: dict[tuple[int, int], W.Button] = {}
@@ -113,8 +116,10 @@ class AttentionView:
 
         title = (f"Attention change: {data.before.label or 'before'} \u2192 {data.after.label or 'after'}"
                  if self.diff else "Attention" + (f": {cap.label}" if cap.label else ""))  # labels: the user's text
+        self.virtual_line = W.HTML(self._virtual_html())
         self.widget = W.VBox([
             W.HTML(f"<b>{html.escape(title)}</b> &middot; {int(T)} tokens, {len(cap.layers)} layers x {int(H)} heads"),
+            self.virtual_line,
             W.HBox([W.VBox([self.summary, self.grid]), W.VBox([
                 W.HBox([self.layer, self.head]), W.HBox([self.window_start, self.window_size]),
                 self.heatmap, self.query, self.row_plot, self.info])]),
@@ -150,6 +155,8 @@ class AttentionView:
         self._need_data()
         if self.summary.value == "change":
             return self.data.change()
+        if self.diff and self.summary.value == "virtual":
+            return self.data.virtual_share()
         if self.diff:
             return self.data.after.summary(self.summary.value) - self.data.before.summary(self.summary.value)
         return self.capture.summary(self.summary.value)
@@ -171,6 +178,20 @@ class AttentionView:
         T = self.capture.n_tokens
         self.window_start.max = max(0, T - int(change["new"]))
         self.refresh_map()
+
+    def _virtual_html(self) -> str:
+        """A prompt method's virtual positions (or LLaMA-Adapter's gates) and their share, in one line; "" without."""
+        data = self.data
+        note = data.note if self.diff else self.capture.note
+        if not note:
+            return ""
+        share = ""
+        if (data.has_virtual if self.diff else self.capture.n_virtual):
+            s = data.virtual_share()
+            share = (f"<b>{100 * float(s.mean()):.1f}%</b> of the real tokens' attention goes to them (mean of "
+                     f"layers and heads; {100 * float(s.min()):.1f}% to {100 * float(s.max()):.1f}% per head: "
+                     "colour by <i>virtual</i>). ")
+        return f'<div class="sftkit-virtual-note" style="color:#4b5563">{share}{html.escape(note)}</div>'
 
     # ---- rendering --------------------------------------------------------------------
     def refresh_grid(self) -> None:

@@ -33,6 +33,8 @@ class PromptBuilder:
     template: the starting Template; by default the first column is the question and
         the last the answer.
     debounce: seconds to wait after typing before the preview updates (0: at once).
+    method: a prompt method (a FreezePlan, PlanEditor, RunConfig or preset name) whose virtual
+        tokens the preview shows in front of the prompt; ``set_method`` changes it later.
     The state it edits is ``self.draft``, a ``PromptDraft``.
 
     Any error while previewing, checking or trying (a template that doesn't fit the data,
@@ -53,14 +55,15 @@ class PromptBuilder:
     remove_example = _from_draft("remove_example")
     move_example = _from_draft("move_example")
     refresh = _from_draft("refresh")  # re-render the selected row; errors go to the message area
+    set_method = _from_draft("set_method")  # a prompt method's virtual tokens in front of the preview
     check_all = _from_draft("check_all")  # validate every row and show the warnings; the report
     stop = _from_draft("stop_try")
     wait = _from_draft("wait_try")  # block until a running "Try it" finishes (scripts and tests)
     running = _from_draft("trying")
 
     def __init__(self, rows: Any, tokenizer, model=None, template: Template | None = None, *,
-                 debounce: float = 0.3, max_new_tokens: int = 64):
-        self.draft = PromptDraft(rows, tokenizer, template)
+                 debounce: float = 0.3, max_new_tokens: int = 64, method: Any = None):
+        self.draft = PromptDraft(rows, tokenizer, template, method=method)
         self.model, self.debounce, self.max_new_tokens = model, debounce, max_new_tokens
         self.answer_text = ""
         self._timer: threading.Timer | None = None
@@ -159,9 +162,13 @@ class PromptBuilder:
         p = d.preview
         if p is not None and p is not self._shown:
             self._shown = p
+            v = p.virtual
             self.preview.value = render.tokens_html(p.pieces, p.loss_mask, p.roles, truncated_at=p.cut_at,
-                                                    full_length=p.full_length)
-            self.stats.value = render.stats_html(p.n_tokens, p.n_trained, p.max_length, p.prompt_length)
+                                                    full_length=p.full_length, virtual=p.n_virtual,
+                                                    virtual_method=v.method if v else "",
+                                                    virtual_label=v.label if v else "")
+            self.stats.value = render.stats_html(p.n_tokens, p.n_trained, p.max_length, p.prompt_length,
+                                                 virtual=p.n_virtual, virtual_method=v.method if v else "")
         self.messages.value = "".join(render.messages_html([t for k, t in d.messages if k == kind], kind)
                                       for kind in ("error", "info", "warning"))
 

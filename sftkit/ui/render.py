@@ -10,6 +10,9 @@ from ..core.tokens import TokenPiece
 TRAINED_BG = "#c8f7c5"
 MASKED_BG = "#eeeeee"
 SPECIAL_BORDER = "#7b61ff"
+VIRTUAL_BG = "#ede9fe"  # a prompt method's virtual tokens: input positions (prompt tuning, p-tuning)
+VIRTUAL_INSIDE_BG = "#fef3c7"  # ... or keys/values inside every block's attention (prefix tuning, LLaMA-Adapter)
+VIRTUAL_INPUT = ("prompt_tuning", "p_tuning")
 ROLE_COLOURS = {"system": "#6b7280", "example": "#b45309", "user": "#1d4ed8",
                 "answer": "#15803d", "end": "#15803d", "other": "#6b7280", "prompt": "#374151"}
 
@@ -26,14 +29,31 @@ def _visible(text: str) -> str:
     return out.replace("\n", '<span style="color:#999">&#8629;</span><br>')
 
 
+def virtual_html(n: int, method: str, label: str) -> str:
+    """A prompt method's ``n`` virtual tokens as spans (``v0`` ...), dashed, in a colour of their own (they are
+    trained embeddings, never labels), after a line that says what they are (``label``, escaped)."""
+    inside = method not in VIRTUAL_INPUT
+    bg, kind = (VIRTUAL_INSIDE_BG, "keys and values in the attention") if inside else (VIRTUAL_BG, "input position")
+    spans = "".join(
+        f'<span class="sftkit-virtual" data-virtual="{i}" data-method="{html.escape(method, quote=True)}" '
+        f'title="virtual token {i} of {n}: trained {kind}, not text; never a label" '
+        f'style="background:{bg};border:1px dashed {SPECIAL_BORDER};'
+        f'color:{SPECIAL_BORDER};font-style:italic;border-radius:2px;margin:0 1px 1px 0">v{i}</span>'
+        for i in range(n))
+    return (f'<div class="sftkit-virtual-label" style="color:#4b5563;font-size:12px">{html.escape(label)}</div>'
+            f'{spans}<span style="color:{SPECIAL_BORDER};margin:0 4px">&#9654;</span>')
+
+
 def tokens_html(pieces: Sequence[TokenPiece], mask: Sequence[int], roles: Sequence[str] | None = None,
-                *, truncated_at: int | None = None, full_length: int | None = None) -> str:
+                *, truncated_at: int | None = None, full_length: int | None = None, virtual: int = 0,
+                virtual_method: str = "", virtual_label: str = "") -> str:
     """Each token as a span: green when trained, grey when masked, outlined when special.
 
     Hovering a token shows its id, position and role. A scissors marker shows where
-    truncation cut the example.
+    truncation cut the example. ``virtual``: a prompt method's virtual tokens, drawn in front
+    (``virtual_html``).
     """
-    spans = []
+    spans = [virtual_html(virtual, virtual_method, virtual_label)] if virtual else []
     for i, (p, m) in enumerate(zip(pieces, mask)):
         role = roles[i] if roles else ""
         style = [f"background:{TRAINED_BG if m else MASKED_BG}", "border-radius:2px", "margin:0 1px 1px 0"]
@@ -63,9 +83,17 @@ def messages_html(items: Sequence[str], kind: str = "warning") -> str:
     return f'<ul style="margin:4px 0;padding-left:18px">{rows}</ul>'
 
 
-def stats_html(n_tokens: int, n_trained: int, max_length: int, prompt_length: int) -> str:
-    return (f'<b>{n_tokens}</b> tokens (max {max_length}) &middot; <b>{n_trained}</b> trained &middot; '
-            f'{prompt_length} in the prompt &middot; {LEGEND}')
+def stats_html(n_tokens: int, n_trained: int, max_length: int, prompt_length: int, *, virtual: int = 0,
+               virtual_method: str = "") -> str:
+    extra = legend = ""
+    if virtual:
+        where = "in front" if virtual_method in VIRTUAL_INPUT else "in every block's attention"
+        extra = f" + <b>{virtual}</b> virtual {where}"
+        bg = VIRTUAL_BG if virtual_method in VIRTUAL_INPUT else VIRTUAL_INSIDE_BG
+        legend = (f' <span style="background:{bg};border:1px dashed {SPECIAL_BORDER};padding:0 4px">virtual token '
+                  "(trained embedding, not a label)</span>")
+    return (f'<b>{n_tokens}</b> tokens (max {max_length}){extra} &middot; <b>{n_trained}</b> trained &middot; '
+            f'{prompt_length} in the prompt &middot; {LEGEND}{legend}')
 
 
 def answer_html(model_text: str, expected: str, *, running: bool, note: str = "",

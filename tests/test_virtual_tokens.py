@@ -1,0 +1,256 @@
+"""What a prompt method changes, made visible: its virtual tokens in the template preview, in the
+attention capture (with the share of attention they get) and in the base-vs-adapter difference; and
+the parameter counter of every method. Real peft models on the tiny random Llama; every expected
+value comes from a plain forward with ``output_attentions`` or from the model's own parameters."""
+
+import html
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import sftkit
+from sftkit.core.plan import PRESETS
+from sftkit.core.runconfig import RunConfig
+from sftkit.core.template import Template
+from sftkit.engine.anatomy import inspect_model
+from sftkit.engine.attention import adapter_diff, capture_attention, capture_row, virtual_positions
+from sftkit.engine.freeze import FreezePlan
+from sftkit.state.prompt_draft import PromptDraft, VirtualTokens
+from sftkit.ui import AttentionView, PromptBuilder
+from sftkit.ui.render import tokens_html
+
+N = 5  # virtual tokens
+ROWS = [{"q": "What is 2+2? <script>alert(1)</script>", "a": "4 & <b>four</b>"}, {"q": "Capital of France?", "a": "Paris"}]
+TEMPLATE = Template(user_pattern="{q}", answer_field="a")
+
+
+def method_model(model_dir, method, **settings):
+    """A fresh tiny Llama with ``method`` applied as the run engine does (plan -> freeze -> peft)."""
+    model, tok = sftkit.load_model(str(model_dir))
+    a = inspect_model(model)
+    torch.manual_seed(0)
+    return FreezePlan.preset(method, a, virtual_tokens=N, **settings).apply(model, a), tok
+
+
+def reference(model, ids):
+    """``output_attentions`` of a plain eager forward: [layers, heads, queries, keys] as float32."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    before = base.config._attn_implementation
+    base.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            out = model(input_ids=torch.tensor([ids]), output_attentions=True, use_cache=False)
+    finally:
+        base.set_attn_implementation(before)
+    return np.stack([x[0].float().numpy() for x in out.attentions])
+
+
+def rendered(tok):
+    return TEMPLATE.render(ROWS[0], tok)
+
+
+# ---- the capture knows the virtual positions ---------------------------------------------------------------
+@pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning"])
+def test_soft_prompt_positions_are_queries_and_keys_in_front_of_the_text(method, tiny_llama_dir):
+    model, tok = method_model(tiny_llama_dir, method)
+    r = rendered(tok)
+    T = len(r.input_ids)
+    assert virtual_positions(model) == (N, method)
+    cap = capture_row(model, tok, TEMPLATE, ROWS[0])
+    ref = reference(model, r.input_ids)
+    assert ref.shape == (2, 4, N + T, N + T)  # peft prepends N embeddings: queries and keys
+    assert cap.probs.shape == ref.shape and cap.n_virtual == N and cap.method == method and cap.n_real == T
+    np.testing.assert_allclose(cap.probs.astype(np.float32), ref, atol=2e-3)
+    assert [t.text for t in cap.tokens[:N]] == [f"<v{i}>" for i in range(N)]
+    assert [t.id for t in cap.real_tokens] == r.input_ids and cap.input_ids == r.input_ids
+    # the template's spans moved behind the virtual positions
+    answer = next(s for s in r.segments if s.role == "answer")
+    assert (answer.start + N, answer.end + N) in cap.span("answer")
+    # the share of each real query's attention that goes to the soft prompt, against the reference
+    want = ref[:, :, N:, :N].sum(-1)  # [layers, heads, real queries]
+    np.testing.assert_allclose(cap.virtual_share(per_query=True), want, atol=3e-3)
+    np.testing.assert_allclose(cap.virtual_share(), want.mean(-1), atol=3e-3)
+    np.testing.assert_allclose(cap.virtual_share(per_query=True) + cap.real_share(per_query=True), 1.0, atol=3e-3)
+    assert 0.05 < float(want.mean()) < 0.95  # a real share, neither nothing nor everything
+    # the answer-span summary reads the real answer's rows and columns, not positions shifted by N
+    rows = [i + N for a, b in [(s.start, s.end) for s in r.segments if s.role in ("answer", "end")] for i in range(a, b)]
+    np.testing.assert_allclose(cap.summary("answer"), ref[:, :, rows][:, :, :, rows].sum(-1).mean(-1), atol=3e-3)
+    assert "virtual" in cap.available_summaries() and "not text" in cap.note
+
+
+def test_prefix_positions_are_keys_only_and_their_rows_stay_empty(tiny_llama_dir):
+    model, tok = method_model(tiny_llama_dir, "prefix_tuning")
+    ids = rendered(tok).input_ids
+    T = len(ids)
+    cap = capture_attention(model, tok, input_ids=ids, layers=[1])
+    ref = reference(model, ids)[[1]]
+    assert ref.shape == (1, 4, T, N + T)  # keys and values in front, no extra queries
+    assert cap.probs.shape == (1, 4, N + T, N + T) and cap.n_virtual == N and not cap.virtual_queries
+    assert not cap.probs[:, :, :N].any()  # the prefix positions query nothing
+    np.testing.assert_allclose(cap.probs[:, :, N:].astype(np.float32), ref, atol=2e-3)
+    np.testing.assert_allclose(cap.virtual_share(per_query=True), ref[..., :N].sum(-1), atol=3e-3)
+    np.testing.assert_allclose(cap.virtual_share(per_query=True) + cap.real_share(per_query=True), 1.0, atol=3e-3)
+    assert "keys and values in every layer" in cap.note
+
+
+def test_capture_size_counts_the_virtual_positions(tiny_llama_dir):
+    from sftkit.engine.attention import AttentionTooLargeError, estimate_capture_bytes
+
+    model, tok = method_model(tiny_llama_dir, "prompt_tuning")
+    ids = rendered(tok).input_ids
+    T = len(ids)
+    fits_without = estimate_capture_bytes(T, 2, 4)  # enough for the text alone, not for the soft prompt too
+    with pytest.raises(AttentionTooLargeError, match=f"for {T + N} tokens"):
+        capture_attention(model, tok, input_ids=ids, max_bytes=fits_without)
+
+
+def test_llama_adapter_capture_keeps_the_text_and_records_the_gates(tiny_llama_dir):
+    model, tok = method_model(tiny_llama_dir, "adaption_prompt", top_n=1)
+    ids = rendered(tok).input_ids
+    gate = next(p for n, p in model.named_parameters() if n.endswith("adaption_gate"))
+    with torch.no_grad():
+        gate.fill_(0.25)  # as after some training: the prompt now changes layer 1's output
+    cap = capture_attention(model, tok, input_ids=ids)
+    assert cap.n_virtual == 0 and cap.probs.shape == (2, 4, len(ids), len(ids))
+    np.testing.assert_allclose(cap.probs.astype(np.float32), reference(model, ids), atol=2e-3)
+    assert cap.prompt_gates == {1: pytest.approx(0.25)} and "layer 1 +0.250" in cap.note
+    diff = adapter_diff(model, tok, input_ids=ids)  # the base: LLaMA-Adapter's modules swapped out
+    assert diff.delta.shape == (2, 4, len(ids), len(ids)) and diff.before.prompt_gates == {}
+    np.testing.assert_allclose(diff.before.probs.astype(np.float32), reference(model.get_base_model(), ids), atol=2e-3)
+
+
+# ---- base vs adapter ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning"])
+def test_adapter_diff_compares_the_real_tokens_and_counts_the_moved_attention(method, tiny_llama_dir):
+    model, tok = method_model(tiny_llama_dir, method)
+    ids = rendered(tok).input_ids
+    T = len(ids)
+    with model.disable_adapter():
+        base = reference(model, ids)
+    tuned = reference(model, ids)[..., -T:, :]  # the real tokens' queries over every key
+    diff = adapter_diff(model, tok, input_ids=ids)
+    assert diff.delta.shape == (2, 4, T, T) and diff.has_virtual and "real tokens only" in diff.note
+    assert diff.before.n_virtual == diff.after.n_virtual == 0 and diff.full[1].n_virtual == N
+    np.testing.assert_allclose(diff.delta, tuned[..., N:] - base, atol=3e-3)
+    share = tuned[..., :N].sum(-1)
+    np.testing.assert_allclose(diff.virtual_share(), share.mean(-1), atol=3e-3)
+    tv = 0.5 * (np.abs(tuned[..., N:] - base).sum(-1) + share).mean(-1)  # total variation over all keys
+    np.testing.assert_allclose(diff.change(), tv, atol=3e-3)
+
+
+# ---- the attention view --------------------------------------------------------------------------------
+def test_attention_view_shows_the_virtual_share_only_when_there_are_virtual_tokens(tiny_llama_dir):
+    model, tok = method_model(tiny_llama_dir, "prompt_tuning")
+    ids = rendered(tok).input_ids
+    cap = capture_attention(model, tok, input_ids=ids, label="<i>soft</i>")
+    view = AttentionView(cap)
+    assert "virtual" in view.summary.options
+    view.summary.value = "virtual"
+    np.testing.assert_allclose(view.grid_values(), cap.virtual_share())
+    share = 100 * float(cap.virtual_share().mean())
+    assert f"{share:.1f}%" in view.virtual_line.value and "&lt;v0&gt; to &lt;v4&gt;" in view.virtual_line.value
+    assert "<i>soft</i>" not in view.widget.children[0].value  # the label is the user's text: escaped
+    assert view.heatmap.data[0].x[0] == f"{cap.n_tokens - view.window_size.value}: <v{cap.n_tokens - view.window_size.value}>" \
+        or view.window_size.value < cap.n_tokens  # the axis starts with the virtual tokens when they are in view
+    view.window_start.value = 0
+    assert list(view.heatmap.data[0].x[:2]) == ["0: <v0>", "1: <v1>"]
+
+    diff_view = AttentionView(adapter_diff(model, tok, input_ids=ids))
+    assert {"change", "virtual"} <= set(diff_view.summary.options) and "real tokens only" in diff_view.virtual_line.value
+    diff_view.summary.value = "virtual"
+    np.testing.assert_allclose(diff_view.grid_values(), cap.virtual_share(), atol=1e-6)
+
+    plain_model, _ = sftkit.load_model(str(tiny_llama_dir))
+    plain = AttentionView(capture_attention(plain_model, tok, input_ids=ids))
+    assert "virtual" not in plain.summary.options and plain.virtual_line.value == ""
+
+
+def test_prefix_view_starts_the_row_slider_at_the_first_real_token(tiny_llama_dir):
+    model, tok = method_model(tiny_llama_dir, "prefix_tuning")
+    view = AttentionView(capture_attention(model, tok, input_ids=rendered(tok).input_ids))
+    assert view.query.min == N and "keys and values" in view.virtual_line.value
+
+
+# ---- the template preview ---------------------------------------------------------------------------------
+def preview_spans(html_text):
+    """(kind, position in the html) of every virtual and real token span."""
+    out = []
+    for kind, marker in (("virtual", 'class="sftkit-virtual"'), ("token", 'class="sftkit-tok"')):
+        start = 0
+        while (i := html_text.find(marker, start)) >= 0:
+            out.append((i, kind))
+            start = i + 1
+    return [k for _, k in sorted(out)]
+
+
+@pytest.mark.parametrize("method,words", [("prompt_tuning", "trained embeddings, not text"),
+                                          ("p_tuning", "prompt encoder"),
+                                          ("prefix_tuning", "keys and values in front of the attention of every layer"),
+                                          ("adaption_prompt", "LLaMA-Adapter")])
+def test_preview_shows_exactly_n_virtual_tokens_before_the_first_real_token(method, words, tiny_llama_dir):
+    model, tok = sftkit.load_model(str(tiny_llama_dir))
+    a = inspect_model(model)
+    plan = FreezePlan.preset(method, a, virtual_tokens=7)
+    draft = PromptDraft(ROWS, tok, TEMPLATE)
+    assert draft.preview.n_virtual == 0
+    draft.set_method(plan)
+    p = draft.preview
+    assert p.n_virtual == 7 and p.virtual.method == method and words in p.virtual.label
+    assert p.loss_mask == TEMPLATE.render(ROWS[0], tok).loss_mask  # the virtual tokens are never labels
+    builder = PromptBuilder(ROWS, tok, template=TEMPLATE, method=plan, debounce=0)
+    html_text = builder.preview.value
+    kinds = preview_spans(html_text)
+    assert kinds == ["virtual"] * 7 + ["token"] * p.n_tokens
+    assert html_text.count('data-trained="1"') == p.n_trained  # the virtual spans carry no trained flag
+    assert "7</b> virtual" in builder.stats.value
+    # user text stays escaped, with the virtual tokens in front
+    assert "<script" not in html_text and "<b>four" not in html_text
+    shown = html.unescape(re.sub(r"<[^>]+>", "", html_text))  # the text a reader sees, tags taken out
+    assert "<script>alert(1)</script>" in shown and "4 & <b>four</b>" in shown.replace("\xa0", " ")
+    builder.set_method("lora_attention")  # a method without virtual tokens takes them away
+    assert builder.draft.preview.n_virtual == 0 and 'class="sftkit-virtual"' not in builder.preview.value
+
+
+def test_virtual_tokens_come_from_a_run_config_or_a_preset_name_and_bad_values_are_refused(tiny_llama_dir):
+    cfg = RunConfig.from_dict({"adapter": {"preset": "prefix_tuning", "virtual_tokens": 9}})
+    assert VirtualTokens.of(cfg) == VirtualTokens(9, "prefix_tuning") == VirtualTokens.of(cfg.adapter)
+    assert VirtualTokens.of("p_tuning", 3) == VirtualTokens(3, "p_tuning")
+    assert VirtualTokens.of("ia3") is None and VirtualTokens.of(RunConfig()) is None
+    with pytest.raises(ValueError, match="not a preset; allowed: .*prompt_tuning"):
+        VirtualTokens.of("soft_prompt")
+    with pytest.raises(ValueError, match="virtual_tokens=0 is not allowed; allowed: an integer from 1 to 512"):
+        VirtualTokens.of("prompt_tuning", 0)
+    _, tok = sftkit.load_model(str(tiny_llama_dir))
+    draft = PromptDraft(ROWS, tok, TEMPLATE, method="prompt_tuning")
+    before = draft.preview
+    with pytest.raises(ValueError, match="virtual_tokens=600"):
+        draft.set_method("prompt_tuning", 600)
+    assert draft.preview is before and draft.virtual == VirtualTokens(20, "prompt_tuning")  # nothing changed
+
+
+def test_virtual_label_is_escaped_in_the_token_view():
+    from sftkit.core.tokens import TokenPiece
+
+    out = tokens_html([TokenPiece(1, "a", False)], [0], virtual=2, virtual_method="prompt_tuning",
+                      virtual_label="<img src=x onerror=alert(1)>")
+    assert "<img" not in out and "&lt;img" in out and out.count('class="sftkit-virtual"') == 2
+
+
+# ---- the parameter counter -----------------------------------------------------------------------------
+@pytest.mark.parametrize("preset", [p for p in PRESETS if p != "none"])
+def test_counter_says_which_share_of_the_model_trains_for_every_method(preset, tiny_llama_dir):
+    from sftkit.ui import LayerPicker
+    from sftkit.ui.layer_picker import _percent
+
+    model = sftkit.load_model(str(tiny_llama_dir)).model
+    picker = LayerPicker(model, device_bytes=2**34)
+    picker.apply_preset(preset, 1 if preset in ("lora_top_blocks", "freeze_tuning") else None)
+    ed = picker.editor
+    assert ed.error is None
+    fresh = sftkit.load_model(str(tiny_llama_dir)).model
+    total = sum(p.numel() for p in fresh.parameters())
+    trains = sum(p.numel() for p in ed.plan.apply(fresh, ed.anatomy).parameters() if p.requires_grad)
+    assert ed.trainable == trains > 0
+    assert f"<b>{_percent(100 * trains / total)}</b> of the model ({total:,}) trains" in picker.counters.value
