@@ -646,6 +646,26 @@ NOTEBOOKS["07_peft_methods.ipynb"] = [
        "more steps.\n"
        "- **Cost.** Peak memory is the run process's (the model itself dominates at this size); tokens/s shows "
        "the extra work: a soft prompt makes every row longer, DoRA recomputes its weight norm each step."),
+    md("## Where the soft prompt's attention goes\n\n"
+       "The prompt-tuning run's 20 virtual tokens are trained vectors in front of every prompt, not text. The "
+       "attention capture puts them first (`<v0>` ... `<v19>`), and `virtual_share()` says, per layer and head, "
+       "how much of the real tokens' attention they take: the soft prompt steers the model only through that "
+       "share. In the view, colour the grid by *virtual*. (The template preview draws the same positions: "
+       "`PromptBuilder(..., method=\"prompt_tuning\")`.)"),
+    code("from sftkit.ui import AttentionView\n\n"
+         'soft = next(sftkit.RunStore("runs").get(row["run"]) for row in result.methods if row["method"] == "prompt tuning")\n'
+         "tuned, tokenizer = sftkit.load_trained(soft)\n"
+         "split = sftkit.run_rows(soft.config())\n"
+         "rendered = split.template.render(split.eval[0], tokenizer)\n"
+         "capture = sftkit.capture_attention(tuned, tokenizer, input_ids=rendered.input_ids, segments=rendered.segments,\n"
+         '                                   label="prompt tuning")\n'
+         "share = capture.virtual_share()\n"
+         'print(f"{capture.n_virtual} virtual tokens in front of {capture.n_real} real tokens: they get "\n'
+         '      f"{share.mean():.1%} of the real tokens\' attention (heads from {share.min():.1%} to {share.max():.1%})")\n'
+         'print("per layer, mean of heads:", " ".join(f"{v:.0%}" for v in share.mean(axis=1)))\n'
+         "soft_view = AttentionView(capture)\n"
+         'soft_view.summary.value = "virtual"\n'
+         "soft_view"),
     md("## Export: merge what can merge\n\n"
        "LoRA, DoRA and IA3 change weights, so they merge into a plain model. A soft prompt or a prefix is not a "
        "change of weights: merging it is refused with the reason, and the adapter is exported as it is (plain "
