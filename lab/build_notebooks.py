@@ -622,8 +622,11 @@ NOTEBOOKS["07_peft_methods.ipynb"] = [
        "**Stop** ends the run in progress and starts no other."),
     code('steps = int(os.environ.get("SFTKIT_NOTEBOOK_STEPS", 60))\n'
          'items = int(os.environ.get("SFTKIT_NOTEBOOK_ITEMS", 40))\n'
+         "# workshop leaders: SFTKIT_NOTEBOOK_METHODS=\"LoRA,IA3,prompt tuning,BitFit\" trains fewer methods (one a family)\n"
+         'chosen = os.environ.get("SFTKIT_NOTEBOOK_METHODS")\n'
+         "methods = [name.strip() for name in chosen.split(\",\")] if chosen else list(sftkit.PEFT_METHODS)\n"
          "budget = sftkit.Budget(steps=steps, batch_size=8, rows=400, eval_items=items, seed=0)\n"
-         'view = ShootoutView(task="dates", budget=budget, store="runs")\n'
+         'view = ShootoutView(task="dates", methods=methods, budget=budget, store="runs")\n'
          "view.start()\n"
          "view"),
     md("The curves fill in as each method trains. The next cell waits for the table, so *Run All* works."),
@@ -653,19 +656,23 @@ NOTEBOOKS["07_peft_methods.ipynb"] = [
        "share. In the view, colour the grid by *virtual*. (The template preview draws the same positions: "
        "`PromptBuilder(..., method=\"prompt_tuning\")`.)"),
     code("from sftkit.ui import AttentionView\n\n"
-         'soft = next(sftkit.RunStore("runs").get(row["run"]) for row in result.methods if row["method"] == "prompt tuning")\n'
-         "tuned, tokenizer = sftkit.load_trained(soft)\n"
-         "split = sftkit.run_rows(soft.config())\n"
-         "rendered = split.template.render(split.eval[0], tokenizer)\n"
-         "capture = sftkit.capture_attention(tuned, tokenizer, input_ids=rendered.input_ids, segments=rendered.segments,\n"
-         '                                   label="prompt tuning")\n'
-         "share = capture.virtual_share()\n"
-         'print(f"{capture.n_virtual} virtual tokens in front of {capture.n_real} real tokens: they get "\n'
-         '      f"{share.mean():.1%} of the real tokens\' attention (heads from {share.min():.1%} to {share.max():.1%})")\n'
-         'print("per layer, mean of heads:", " ".join(f"{v:.0%}" for v in share.mean(axis=1)))\n'
-         "soft_view = AttentionView(capture)\n"
-         'soft_view.summary.value = "virtual"\n'
-         "soft_view"),
+         'soft = next((sftkit.RunStore("runs").get(row["run"]) for row in result.methods\n'
+         '             if row["method"] == "prompt tuning" and row.get("state") == "finished"), None)\n'
+         "if soft is None:\n"
+         '    print("no finished prompt-tuning run in this shoot-out: add \\"prompt tuning\\" to its methods")\n'
+         "else:\n"
+         "    tuned, tokenizer = sftkit.load_trained(soft)\n"
+         "    split = sftkit.run_rows(soft.config())\n"
+         "    rendered = split.template.render(split.eval[0], tokenizer)\n"
+         "    capture = sftkit.capture_attention(tuned, tokenizer, input_ids=rendered.input_ids,\n"
+         '                                       segments=rendered.segments, label="prompt tuning")\n'
+         "    share = capture.virtual_share()\n"
+         '    print(f"{capture.n_virtual} virtual tokens in front of {capture.n_real} real tokens: they get "\n'
+         '          f"{share.mean():.1%} of the real tokens\' attention (heads from {share.min():.1%} to {share.max():.1%})")\n'
+         '    print("per layer, mean of heads:", " ".join(f"{v:.0%}" for v in share.mean(axis=1)))\n'
+         "    soft_view = AttentionView(capture)\n"
+         '    soft_view.summary.value = "virtual"\n'
+         "    display(soft_view)"),
     md("## Export: merge what can merge\n\n"
        "LoRA, DoRA and IA3 change weights, so they merge into a plain model. A soft prompt or a prefix is not a "
        "change of weights: merging it is refused with the reason, and the adapter is exported as it is (plain "

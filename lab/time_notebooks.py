@@ -11,7 +11,7 @@ time is wall-clock from kernel start to the last cell's end.
 
 The full profile (the notebooks as committed) is written to lab/timings.json, keyed by notebook and
 device (cpu / gpu); the notebooks' headers (lab/build_notebooks.py) and the table in lab/README.md are
-then regenerated from it. ``--fast`` (SFTKIT_NOTEBOOK_STEPS=3, SFTKIT_NOTEBOOK_ITEMS=8, PROMPTS=24:
+then regenerated from it. ``--fast`` (SFTKIT_NOTEBOOK_STEPS=3, SFTKIT_NOTEBOOK_ITEMS=8, PROMPTS=24, METHODS=four:
 what CI runs) is written under "fast" and shown in its own column.
 """
 
@@ -34,8 +34,9 @@ NOTEBOOKS = ROOT / "notebooks"
 TIMINGS = LAB / "timings.json"
 README = LAB / "README.md"
 START, END = "<!-- timings:start (lab/time_notebooks.py writes this table) -->", "<!-- timings:end -->"
-FAST_ENV = {"SFTKIT_NOTEBOOK_STEPS": "3", "SFTKIT_NOTEBOOK_ITEMS": "8", "SFTKIT_NOTEBOOK_PROMPTS": "24"}
-PROFILE_ENV = ("SFTKIT_NOTEBOOK_STEPS", "SFTKIT_NOTEBOOK_ITEMS", "SFTKIT_NOTEBOOK_PROMPTS")
+FAST_ENV = {"SFTKIT_NOTEBOOK_STEPS": "3", "SFTKIT_NOTEBOOK_ITEMS": "8", "SFTKIT_NOTEBOOK_PROMPTS": "24",
+            "SFTKIT_NOTEBOOK_METHODS": "LoRA,IA3,prompt tuning,BitFit"}
+PROFILE_ENV = tuple(FAST_ENV)
 
 
 def workshop_order() -> list[str]:

@@ -162,6 +162,7 @@ def test_feedback_notebook_labels_rates_trains_dpo_and_compares(workdir, monkeyp
 def test_peft_methods_notebook_runs_the_shootout_and_reads_the_table(workdir, monkeypatch):
     monkeypatch.setenv("SFTKIT_NOTEBOOK_STEPS", "3")
     monkeypatch.setenv("SFTKIT_NOTEBOOK_ITEMS", "8")
+    monkeypatch.setenv("SFTKIT_NOTEBOOK_METHODS", "LoRA, IA3, prompt tuning,BitFit")  # one a family (all seven: the timings)
     nb = run_notebook("07_peft_methods.ipynb", workdir)
     assert shows_a_widget(nb), "the ShootoutView did not display"
     text = outputs_text(nb)
@@ -175,7 +176,8 @@ def test_peft_methods_notebook_runs_the_shootout_and_reads_the_table(workdir, mo
     assert "refused: run" in text and "nothing to merge" in text and "exported:" in text and "merged:" in text
     assert "sftkit-shootout-table" in text  # the reopened view's table
     runs = [p for p in (workdir / "runs").iterdir() if (p / "config.yaml").is_file()]
-    assert len(runs) == 7 and all((p / "status.json").is_file() for p in runs)
+    assert len(runs) == 4 and all((p / "status.json").is_file() for p in runs)
+    assert re.search(r"^BitFit .*\[", text, re.M) and not re.search(r"^DoRA .*\[", text, re.M)  # the four in the table
     assert len(list((workdir / "runs" / "shootouts").glob("*.json"))) == 1
     assert (workdir / "exports" / "prompt-adapter" / "adapter_config.json").is_file()
     assert list((workdir / "exports" / "ia3-merged").glob("*.safetensors"))
