@@ -539,8 +539,8 @@ NOTEBOOKS["06_feedback.ipynb"] = [
          '    "name": "dates-dpo", "store": "runs", "objective": "dpo", "model": {"spec": "default"},\n'
          '    "data": {"source": str(data), "eval_fraction": 0.25, "max_eval_rows": 200, "sample_prompts": 2},\n'
          '    "adapter": {"init_from": str(sft_run.path)},\n'
-         '    "preference": {"beta": 0.1},\n'
-         '    "training": {"max_steps": steps, "batch_size": 8, "learning_rate": 5e-4, "lr_schedule": "constant",\n'
+         '    "preference": {"beta": 0.1, "sft_weight": 1.0},\n'
+         '    "training": {"max_steps": steps, "batch_size": 8, "learning_rate": 1e-4, "lr_schedule": "constant",\n'
          '                 "warmup": 0, "eval_every": max(steps // 2, 1), "checkpoint_every": steps,\n'
          '                 "sample_every": 0, "sample_max_new_tokens": 12}})\n'
          "launcher = RunLauncher(config)\n"
@@ -561,7 +561,11 @@ NOTEBOOKS["06_feedback.ipynb"] = [
        "The SFT adapter and the DPO adapter answer the same fresh items, greedy, on one base model. The "
        "verdict is paired (exact McNemar on the items where they disagree, a bootstrap interval of the "
        "difference). Preference tuning should not cost task accuracy; if the interval says it did, lower the "
-       "learning rate or raise `preference.beta`, or add `preference.sft_weight`."),
+       "learning rate or raise `preference.beta`. `preference.sft_weight` (1.0, the default) adds the answer "
+       "loss on the chosen answers: pure DPO (0) only asks the chosen answer to gain *relative* to the rejected "
+       "one, and can push both down until the model stops writing dates. Measured on this CPU (default model, "
+       "144 scorer pairs, 10 steps): pure DPO at learning rate 5e-4 took the task score from 85% to 7%; with "
+       "`sft_weight` 1.0 at 1e-4 it stayed at 87% (no detectable difference, 60 items)."),
     code("base, base_tokenizer = sftkit.load_model(sft_run.config().model.spec)\n"
          'variants = [sftkit.Variant.from_run(sft_run, name="sft", max_new_tokens=12),\n'
          '            sftkit.Variant.from_run(dpo_run, name="dpo", max_new_tokens=12)]\n'

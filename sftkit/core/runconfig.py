@@ -247,7 +247,8 @@ class PreferenceConfig:
                              allowed=Choice(("auto", *DPO_LOSSES, *KTO_LOSSES)), widget="choice", label="loss")
     label_smoothing: float = setting(0.0, help="dpo robust/sigmoid: the share of pairs assumed mislabelled",
                                      allowed=Float(0, 0.5, max_open=True), widget="float")
-    sft_weight: float = setting(0.0, help="dpo: weight of an added answer loss on the chosen answers (keeps the task)",
+    sft_weight: float = setting(1.0, help="dpo: weight of an added answer loss on the chosen answers (keeps the task: "
+                                "pure dpo can push both answers down and break generation)",
                                 allowed=Float(0, note="0: pure dpo"), widget="float", label="sft weight")
     desirable_weight: float = setting(1.0, help="kto: weight of the good answers' loss",
                                       allowed=Float(0, min_open=True), widget="float")
