@@ -26,11 +26,19 @@ ROWS = [{"q": "What is 2+2? <script>alert(1)</script>", "a": "4 & <b>four</b>"},
 TEMPLATE = Template(user_pattern="{q}", answer_field="a")
 
 
-def method_model(model_dir, method, **settings):
-    """A fresh tiny Llama with ``method`` applied as the run engine does (plan -> freeze -> peft)."""
+def method_model(model_dir, method, *, seed=0, q_scale=None, **settings):
+    """A fresh tiny Llama with ``method`` applied as the run engine does (plan -> freeze -> peft).
+    ``q_scale``: every query projection multiplied by it first: 0 makes every attention row exactly
+    uniform over the keys it sees (the expected values can then be written down by hand), a large
+    one makes the attention sharp."""
     model, tok = sftkit.load_model(str(model_dir))
+    if q_scale is not None:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "q_proj" in name:
+                    p.mul_(q_scale)
     a = inspect_model(model)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     return FreezePlan.preset(method, a, virtual_tokens=N, **settings).apply(model, a), tok
 
 
@@ -102,7 +110,7 @@ def test_capture_size_counts_the_virtual_positions(tiny_llama_dir):
     ids = rendered(tok).input_ids
     T = len(ids)
     fits_without = estimate_capture_bytes(T, 2, 4)  # enough for the text alone, not for the soft prompt too
-    with pytest.raises(AttentionTooLargeError, match=f"for {T + N} tokens"):
+    with pytest.raises(AttentionTooLargeError, match=f"for {T} tokens \\+ {N} virtual positions \\(prompt_tuning\\)"):
         capture_attention(model, tok, input_ids=ids, max_bytes=fits_without)
 
 
@@ -122,7 +130,7 @@ def test_llama_adapter_capture_keeps_the_text_and_records_the_gates(tiny_llama_d
 
 
 # ---- base vs adapter ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning"])
+@pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning", "prefix_tuning"])
 def test_adapter_diff_compares_the_real_tokens_and_counts_the_moved_attention(method, tiny_llama_dir):
     model, tok = method_model(tiny_llama_dir, method)
     ids = rendered(tok).input_ids
@@ -140,6 +148,74 @@ def test_adapter_diff_compares_the_real_tokens_and_counts_the_moved_attention(me
     np.testing.assert_allclose(diff.change(), tv, atol=3e-3)
 
 
+def uniform_summary(name, n, T, segments=()):
+    """A summary of a capture whose every row is uniform over its keys, by hand: real query i (0-based
+    in the text) sees n virtual keys and the real tokens 0..i, so each key gets 1 / (n + i + 1)."""
+    if name == "entropy":
+        return 1.0
+    if name == "sink":  # the first real token
+        return np.mean([1 / (n + i + 1) for i in range(T)])
+    if name == "previous":
+        return np.mean([1 / (n + i + 1) for i in range(1, T)])
+    span = [i for s in segments if s.role in (("answer", "end") if name == "answer" else (name,))
+            for i in range(s.start, s.end)]
+    rows = [i for s in segments if s.role in ("answer", "end") for i in range(s.start, s.end)]
+    return np.mean([sum(c <= i for c in span) / (n + i + 1) for i in rows])
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning"])
+def test_diff_summaries_on_uniform_attention_are_the_hand_computed_ones(method, tiny_llama_dir):
+    model, tok = method_model(tiny_llama_dir, method, q_scale=0.0)
+    r = rendered(tok)
+    T = len(r.input_ids)
+    diff = adapter_diff(model, tok, input_ids=r.input_ids, segments=r.segments)
+    view = AttentionView(diff)
+    for name in ("entropy", "sink", "previous", "user", "answer"):
+        want = uniform_summary(name, N, T, r.segments) - uniform_summary(name, 0, T, r.segments)
+        view.summary.value = name
+        np.testing.assert_allclose(view.grid_values(), np.full((2, 4), want), atol=2e-3, err_msg=name)
+        np.testing.assert_allclose(diff.summary(name), np.full((2, 4), want), atol=2e-3, err_msg=name)
+    # either side alone: the adapter's full capture and its real block keep every real query
+    assert abs(uniform_summary("sink", N, T) - uniform_summary("sink", 0, T)) > 0.02  # the check can fail
+    np.testing.assert_allclose(diff.full[1].summary("entropy"), 1.0, atol=2e-3)
+    np.testing.assert_allclose(diff.after.summary("entropy"), 1.0, atol=2e-3)  # renormalised real rows
+    np.testing.assert_allclose(diff.full[1].summary("sink"), uniform_summary("sink", N, T), atol=2e-3)
+
+
+def test_sink_is_the_first_real_token_in_a_soft_prompt_capture(tiny_llama_dir):
+    model, tok = method_model(tiny_llama_dir, "prompt_tuning", q_scale=40.0)  # sharp attention
+    ids = rendered(tok).input_ids
+    ref = reference(model, ids)
+    cap = capture_attention(model, tok, input_ids=ids)
+    np.testing.assert_allclose(cap.summary("sink"), ref[:, :, N:, N].mean(-1), atol=2e-3)
+    assert np.abs(ref[:, :, N:, N].mean(-1) - ref[:, :, N:, 0].mean(-1)).max() > 1e-2  # <v0> would differ
+
+
+def test_prefix_vs_prefix_change_averages_the_real_queries_only(tiny_llama_dir):
+    from sftkit.engine.attention import diff_captures
+
+    one, tok = method_model(tiny_llama_dir, "prefix_tuning", seed=0)
+    two, _ = method_model(tiny_llama_dir, "prefix_tuning", seed=1)
+    ids = rendered(tok).input_ids
+    a, b = reference(one, ids), reference(two, ids)  # [layers, heads, real queries, N + T keys]
+    diff = diff_captures(capture_attention(one, tok, input_ids=ids), capture_attention(two, tok, input_ids=ids))
+    assert not diff.has_virtual
+    want = 0.5 * np.abs(b - a).sum(-1).mean(-1)
+    assert float(want.min()) > 1e-3  # two different prefixes: a change to find
+    np.testing.assert_allclose(diff.change(), want, atol=2e-3)
+
+
+def test_llama_adapter_diff_view_says_where_its_prompt_went(tiny_llama_dir):
+    model, tok = method_model(tiny_llama_dir, "adaption_prompt", top_n=1)
+    gate = next(p for n, p in model.named_parameters() if n.endswith("adaption_gate"))
+    with torch.no_grad():
+        gate.fill_(-0.5)
+    diff = adapter_diff(model, tok, input_ids=rendered(tok).input_ids)
+    assert "LLaMA-Adapter" in diff.note and "layer 1 -0.500" in diff.note
+    view = AttentionView(diff)
+    assert "layer 1 -0.500" in view.virtual_line.value and "virtual" not in view.summary.options
+
+
 # ---- the attention view --------------------------------------------------------------------------------
 def test_attention_view_shows_the_virtual_share_only_when_there_are_virtual_tokens(tiny_llama_dir):
     model, tok = method_model(tiny_llama_dir, "prompt_tuning")
@@ -148,9 +224,11 @@ def test_attention_view_shows_the_virtual_share_only_when_there_are_virtual_toke
     view = AttentionView(cap)
     assert "virtual" in view.summary.options
     view.summary.value = "virtual"
-    np.testing.assert_allclose(view.grid_values(), cap.virtual_share())
-    share = 100 * float(cap.virtual_share().mean())
-    assert f"{share:.1f}%" in view.virtual_line.value and "&lt;v0&gt; to &lt;v4&gt;" in view.virtual_line.value
+    want = reference(model, ids)[:, :, N:, :N].sum(-1).mean(-1)  # the real queries' mass on the soft prompt
+    np.testing.assert_allclose(view.grid_values(), want, atol=3e-3)
+    shown = re.search(r"<b>([0-9.]+)%</b> of the real tokens' attention", view.virtual_line.value)
+    assert shown is not None and abs(float(shown.group(1)) - 100 * float(want.mean())) < 0.1
+    assert "&lt;v0&gt; to &lt;v4&gt;" in view.virtual_line.value
     assert "<i>soft</i>" not in view.widget.children[0].value  # the label is the user's text: escaped
     view.window_start.value = 0
     labels = list(view.heatmap.data[0].x)
@@ -159,7 +237,7 @@ def test_attention_view_shows_the_virtual_share_only_when_there_are_virtual_toke
     diff_view = AttentionView(adapter_diff(model, tok, input_ids=ids))
     assert {"change", "virtual"} <= set(diff_view.summary.options) and "real tokens only" in diff_view.virtual_line.value
     diff_view.summary.value = "virtual"
-    np.testing.assert_allclose(diff_view.grid_values(), cap.virtual_share(), atol=1e-6)
+    np.testing.assert_allclose(diff_view.grid_values(), want, atol=3e-3)
 
     plain_model, _ = sftkit.load_model(str(tiny_llama_dir))
     plain = AttentionView(capture_attention(plain_model, tok, input_ids=ids))
@@ -229,6 +307,55 @@ def test_virtual_tokens_come_from_a_run_config_or_a_preset_name_and_bad_values_a
     assert draft.preview is before and draft.virtual == VirtualTokens(20, "prompt_tuning")  # nothing changed
 
 
+def test_a_method_change_during_a_template_error_moves_the_kept_preview_too(tiny_llama_dir):
+    _, tok = sftkit.load_model(str(tiny_llama_dir))
+    builder = PromptBuilder(ROWS, tok, template=TEMPLATE, method="prompt_tuning", debounce=0)
+    draft = builder.draft
+    draft.update(user_pattern="{nope}")
+    assert draft.error is not None and draft.preview.virtual == VirtualTokens(20, "prompt_tuning")
+    draft.set_method("p_tuning", 4)
+    assert draft.error is not None  # the template is still wrong: the last good rendering stays ...
+    assert draft.virtual == draft.preview.virtual == VirtualTokens(4, "p_tuning")  # ... with the new method
+    assert preview_spans(builder.preview.value).count("virtual") == 4 and "4</b> virtual" in builder.stats.value
+    draft.set_method(None)
+    assert draft.preview.virtual is None and 'class="sftkit-virtual"' not in builder.preview.value
+
+
+def test_a_plan_editor_as_the_method_is_followed(tiny_llama_dir):
+    from sftkit.state import PlanEditor
+
+    model, tok = sftkit.load_model(str(tiny_llama_dir))
+    a = inspect_model(model)
+    editor = PlanEditor(a, FreezePlan.preset("prompt_tuning", a, virtual_tokens=7))
+    builder = PromptBuilder(ROWS, tok, template=TEMPLATE, method=editor, debounce=0)
+    assert builder.draft.preview.virtual == VirtualTokens(7, "prompt_tuning")
+    editor.set_plan(FreezePlan.preset("prefix_tuning", a, virtual_tokens=3))  # edited after the builder was made
+    assert builder.draft.virtual == builder.draft.preview.virtual == VirtualTokens(3, "prefix_tuning")
+    assert preview_spans(builder.preview.value).count("virtual") == 3
+    editor.set_plan(FreezePlan.preset("lora_attention", a))
+    assert builder.draft.preview.virtual is None
+    builder.set_method("p_tuning", 2)  # another source: the editor is no longer followed
+    editor.set_plan(FreezePlan.preset("prompt_tuning", a, virtual_tokens=9))
+    assert builder.draft.preview.virtual == VirtualTokens(2, "p_tuning")
+
+
+def test_virtual_tokens_for_a_method_without_them_and_the_range_from_the_config(tiny_llama_dir):
+    from sftkit.core.runconfig import AdapterConfig
+
+    with pytest.raises(ValueError, match="virtual_tokens=5 was given, but lora_attention has no virtual tokens"):
+        VirtualTokens.of("lora_attention", 5)
+    with pytest.raises(ValueError, match="adapter.virtual_tokens=513 is not allowed; allowed: an integer from 1 to 512"):
+        VirtualTokens(513, "prompt_tuning")
+    with pytest.raises(ValueError, match="adapter.virtual_tokens=True is not allowed"):
+        VirtualTokens(True, "prompt_tuning")
+    assert VirtualTokens(512, "prompt_tuning").n == 512
+    with pytest.raises(Exception, match="virtual_tokens=513 is not allowed"):  # the same words as a run config's
+        AdapterConfig(preset="prompt_tuning", virtual_tokens=513)
+    from sftkit.state import VirtualTokens as exported
+
+    assert exported is VirtualTokens
+
+
 def test_virtual_label_is_escaped_in_the_token_view():
     from sftkit.core.tokens import TokenPiece
 
@@ -241,7 +368,6 @@ def test_virtual_label_is_escaped_in_the_token_view():
 @pytest.mark.parametrize("preset", [p for p in PRESETS if p != "none"])
 def test_counter_says_which_share_of_the_model_trains_for_every_method(preset, tiny_llama_dir):
     from sftkit.ui import LayerPicker
-    from sftkit.ui.layer_picker import _percent
 
     model = sftkit.load_model(str(tiny_llama_dir)).model
     picker = LayerPicker(model, device_bytes=2**34)
@@ -252,4 +378,7 @@ def test_counter_says_which_share_of_the_model_trains_for_every_method(preset, t
     total = sum(p.numel() for p in fresh.parameters())
     trains = sum(p.numel() for p in ed.plan.apply(fresh, ed.anatomy).parameters() if p.requires_grad)
     assert ed.trainable == trains > 0
-    assert f"<b>{_percent(100 * trains / total)}</b> of the model ({total:,}) trains" in picker.counters.value
+    shown = re.search(r"<b>([0-9.]+)%</b> of the model \(([0-9,]+)\) trains", picker.counters.value)
+    assert shown is not None and int(shown.group(2).replace(",", "")) == total
+    digits = len(shown.group(1).split(".")[1])  # what the counter rounded to: it is within half its last digit
+    assert abs(float(shown.group(1)) - 100 * trains / total) <= 0.5 * 10 ** -digits + 1e-12

@@ -64,15 +64,20 @@ def _gib(n: float) -> str:
 
 
 def check_capture_size(n_tokens: int, layers: Sequence[int], n_heads: int, max_bytes: int | None = None, *,
-                       diff: bool = False) -> int:
-    """Raise AttentionTooLargeError when the estimate is over ``max_bytes``; return the estimate."""
+                       diff: bool = False, n_virtual: int = 0, method: str = "") -> int:
+    """Raise AttentionTooLargeError when the estimate is over ``max_bytes``; return the estimate.
+
+    ``n_tokens`` counts every position of the maps; ``n_virtual`` of them are a prompt method's
+    (``method``), which the message names apart from the text's tokens."""
     limit = MAX_CAPTURE_BYTES if max_bytes is None else max_bytes
     layers = list(layers)
     need = estimate_capture_bytes(n_tokens, len(layers), n_heads, diff=diff)
     if need <= limit:
         return need
     what = "an adapter_diff (two captures and their difference)" if diff else "capturing attention"
-    msg = (f"{what} for {n_tokens} tokens x {len(layers)} layers x {n_heads} heads needs about {_gib(need)}, "
+    where = (f"{n_tokens - n_virtual} tokens + {n_virtual} virtual positions ({method}) = {n_tokens} positions"
+             if n_virtual else f"{n_tokens} tokens")
+    msg = (f"{what} for {where} x {len(layers)} layers x {n_heads} heads needs about {_gib(need)}, "
            f"over the limit of {_gib(limit)} (max_bytes={limit}). ")
     fit = 0
     while fit < len(layers) and estimate_capture_bytes(n_tokens, fit + 1, n_heads, diff=diff) <= limit:
@@ -247,7 +252,9 @@ class AttentionCapture:
 
     def real_block(self) -> "AttentionCapture":
         """The same capture on the real tokens only (the virtual positions' rows and columns left out; a
-        view of ``probs``, no copy). Its rows sum to 1 minus what went to the virtual positions."""
+        view of ``probs``, no copy). Its rows sum to 1 minus what went to the virtual positions; its
+        entropy is that of each row renormalised over the real keys (what the query does among the text);
+        the full capture's ``summary("entropy")`` counts the virtual keys too."""
         n = self.n_virtual
         if not n:
             return self
@@ -256,10 +263,11 @@ class AttentionCapture:
                                 self.label, prompt_gates=dict(self.prompt_gates))
 
     def summary(self, name: str) -> np.ndarray:
-        """Per layer x head, from the real tokens' queries: entropy (normalized to [0, 1]), attention
-        to the first position (sink; the first virtual token when a soft prompt is in front), to the
-        previous token, the attention mass on a template span (system, example, user, answer) from the
-        answer's tokens (all real tokens when there is no answer), or on the virtual positions (virtual)."""
+        """Per layer x head, from the real tokens' queries: entropy (normalized to [0, 1] by the log of
+        the keys each query sees, virtual ones included), attention to the first real token (sink: the
+        text's first token, also when virtual positions are in front), to the previous token, the
+        attention mass on a template span (system, example, user, answer) from the answer's tokens (all
+        real tokens when there is no answer), or on the virtual positions (virtual)."""
         if name not in SUMMARIES:
             raise KeyError(f"unknown summary {name!r}; available: {', '.join(SUMMARIES)}")
         if name not in self._summary_cache:
@@ -274,10 +282,12 @@ class AttentionCapture:
             if T <= first:
                 return np.zeros(p.shape[0], np.float32)
             rows = p[:, first:]
+            total = rows.sum(-1, keepdims=True)  # 1, less in a real block (the virtual positions' share left out)
+            rows = rows / np.where(total > 0, total, 1.0)
             plogp = rows * np.log(np.clip(rows, 1e-12, 1.0))
             return (-plogp.sum(-1) / np.log(np.arange(first + 1, T + 1))[None, :]).mean(-1)
-        if name == "sink":
-            return p[:, n:, 0].mean(-1)
+        if name == "sink":  # the first real token, whatever is in front of it
+            return p[:, n:, n].mean(-1)
         if name == "previous":
             if T - n < 2:
                 return np.zeros(p.shape[0], np.float32)
@@ -359,8 +369,8 @@ def capture_attention(model, tokenizer, text: str | None = None, *, input_ids: S
     (virtual positions included) is over ``max_bytes`` (default ``MAX_CAPTURE_BYTES``, 1 GiB).
     """
     input_ids, _, layers, n_heads = _plan_capture(model, tokenizer, text, input_ids, layers)
-    n_virtual, _ = virtual_positions(model)
-    check_capture_size(len(input_ids) + n_virtual, layers, n_heads, max_bytes)
+    n_virtual, method = virtual_positions(model)
+    check_capture_size(len(input_ids) + n_virtual, layers, n_heads, max_bytes, n_virtual=n_virtual, method=method)
     return _capture(model, tokenizer, input_ids, layers, segments, label)
 
 
@@ -439,7 +449,9 @@ class AttentionDiff:
     When one side has virtual positions the other lacks (a prompt method against its base model),
     the maps compare the real tokens only: ``before`` / ``after`` are then the captures' real blocks,
     ``full`` the two captures as taken, ``moved`` [layers, heads, real tokens] the attention each real
-    query sends to virtual positions (either side's), and ``note`` says so.
+    query sends to virtual positions (either side's), and ``note`` says so. ``summary(name)`` compares
+    per-head summaries on the captures as taken. With LLaMA-Adapter, ``note`` gives its gates (its prompt
+    is attended outside the maps).
     """
 
     before: AttentionCapture
@@ -481,11 +493,21 @@ class AttentionDiff:
     def change(self) -> np.ndarray:
         """Per layer x head: mean over query tokens of the total variation distance between
         the two attention rows (0 = identical, 1 = disjoint). With virtual positions on one side
-        only, those are keys the other side gives nothing: their share counts as moved."""
+        only, those are keys the other side gives nothing: their share counts as moved. Two prefix
+        captures: over the real tokens' queries (the prefix positions query nothing on either side)."""
         tv = np.stack([np.abs(d).sum(-1) for d in self.delta])  # a layer at a time
         if self.moved is not None:
             tv += self.moved
+        elif self.after.n_virtual and not self.after.virtual_queries:
+            tv = tv[..., self.after.n_virtual:]
         return 0.5 * tv.mean(-1)
+
+    def summary(self, name: str) -> np.ndarray:
+        """A per-head summary (``AttentionCapture.summary``'s names), after's minus before's, each taken on
+        the capture as it was made (``full``): an adapter's entropy counts its virtual keys, its sink is the
+        first real token on both sides, a virtual share is 0 on a side without virtual positions."""
+        b, a = self.full or (self.before, self.after)
+        return a.summary(name) - b.summary(name)
 
     def virtual_share(self) -> np.ndarray:
         """The virtual positions' share of the real tokens' attention [layers, heads]: after's minus
@@ -513,6 +535,9 @@ def diff_captures(before: AttentionCapture, after: AttentionCapture) -> Attentio
         note = (f"compared on the {after.n_real} real tokens only ({sides}); the other side has no such "
                 "positions, so the attention that goes to them counts as moved in 'change'")
         before, after = before.real_block(), after.real_block()
+    elif after.prompt_gates or before.prompt_gates:  # LLaMA-Adapter: its prompt is attended outside these maps
+        note = "; ".join(f"{c.label or which}: {c.note}" for which, c in (("before", before), ("after", after))
+                         if c.prompt_gates)
     delta = after.probs.astype(np.float32)
     np.subtract(delta, before.probs, out=delta)  # no second float32 copy
     return AttentionDiff(before, after, delta, moved, full, note)
@@ -528,8 +553,9 @@ def adapter_diff(model, tokenizer, text: str | None = None, *, input_ids: Sequen
     captures and their float32 difference, checked before either forward pass.
     """
     input_ids, _, layers, n_heads = _plan_capture(model, tokenizer, text, input_ids, layers)
-    n_virtual, _ = virtual_positions(model)
-    check_capture_size(len(input_ids) + n_virtual, layers, n_heads, max_bytes, diff=True)
+    n_virtual, method = virtual_positions(model)
+    check_capture_size(len(input_ids) + n_virtual, layers, n_heads, max_bytes, diff=True, n_virtual=n_virtual,
+                       method=method)
     with adapter_disabled(model):
         before = _capture(model, tokenizer, input_ids, layers, segments, "base")
     after = _capture(model, tokenizer, input_ids, layers, segments, "adapter")

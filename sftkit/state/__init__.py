@@ -19,6 +19,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "ComparisonSession": ("sftkit.state.comparison", "ComparisonSession"),
     "FeedbackSession": ("sftkit.state.feedback", "FeedbackSession"),
     "PromptDraft": ("sftkit.state.prompt_draft", "PromptDraft"),
+    "VirtualTokens": ("sftkit.state.prompt_draft", "VirtualTokens"),
     "PlanEditor": ("sftkit.state.plan_editor", "PlanEditor"),
 }
 __all__ = list(_LAZY)

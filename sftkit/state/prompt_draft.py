@@ -21,12 +21,15 @@ the kernel's); they are serialised by a lock, and listeners run under it.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from ..core.data import load_rows
+from ..core.fields import ALLOWED
 from ..core.plan import PRESETS, PROMPT_FAMILIES
+from ..core.runconfig import AdapterConfig
 from ..core.template import (
     RenderedExample,
     Template,
@@ -79,8 +82,9 @@ class VirtualTokens:
     def __post_init__(self):
         if self.method not in PROMPT_FAMILIES:
             raise ValueError(f"method={self.method!r} has no virtual tokens; allowed: {', '.join(PROMPT_FAMILIES)}")
-        if isinstance(self.n, bool) or not isinstance(self.n, int) or not 1 <= self.n <= 512:
-            raise ValueError(f"virtual_tokens={self.n!r} is not allowed; allowed: an integer from 1 to 512")
+        allowed = _VIRTUAL_TOKENS_ALLOWED  # the run config's adapter.virtual_tokens: the one range
+        if not allowed.check(self.n):
+            raise ValueError(f"adapter.virtual_tokens={self.n!r} is not allowed; allowed: {allowed.describe()}")
 
     @property
     def input_positions(self) -> bool:
@@ -109,13 +113,18 @@ class VirtualTokens:
     def of(cls, source: Any, virtual_tokens: int | None = None) -> "VirtualTokens | None":
         """The virtual tokens of ``source``: a FreezePlan or PlanEditor (its plan), a RunConfig or its
         ``adapter`` section, a ``VirtualTokens``, or a preset name (``virtual_tokens`` then gives n,
-        default 20). None for a method without them (LoRA, IA3, BitFit, ...) and for None."""
+        default 20). None for a method without them (LoRA, IA3, BitFit, ...) and for None; giving
+        ``virtual_tokens`` for such a method is refused (it would be ignored).
+
+        A PlanEditor is read once here; ``PromptDraft.set_method`` follows its later edits."""
         if source is None or isinstance(source, VirtualTokens):
             return source
         if isinstance(source, str):
             if source not in PRESETS:
                 raise ValueError(f"method {source!r} is not a preset; allowed: {', '.join(PRESETS)}")
-            return cls(20 if virtual_tokens is None else virtual_tokens, source) if source in PROMPT_FAMILIES else None
+            if source not in PROMPT_FAMILIES:
+                return _no_virtual(source, virtual_tokens)
+            return cls(AdapterConfig.virtual_tokens if virtual_tokens is None else virtual_tokens, source)
         source = getattr(source, "plan", source)  # a PlanEditor
         source = getattr(source, "adapter", source)  # a RunConfig
         if hasattr(source, "family"):  # a FreezePlan
@@ -126,8 +135,25 @@ class VirtualTokens:
             raise TypeError(f"can't tell a method from {type(source).__name__}: pass a FreezePlan, a PlanEditor, "
                             "a RunConfig (or its adapter section) or a preset name")
         if method not in PROMPT_FAMILIES:
-            return None
+            return _no_virtual(method, virtual_tokens)
         return cls(n if virtual_tokens is None else virtual_tokens, method, top)
+
+
+_VIRTUAL_TOKENS_ALLOWED = next(f.metadata[ALLOWED] for f in dataclasses.fields(AdapterConfig)
+                               if f.name == "virtual_tokens")
+
+
+def _no_virtual(method: str, virtual_tokens: int | None) -> None:
+    """A method without virtual tokens: None, unless a count was given for it (refused, not ignored)."""
+    if virtual_tokens is not None:
+        raise ValueError(f"virtual_tokens={virtual_tokens!r} was given, but {method} has no virtual tokens; "
+                         f"methods with them: {', '.join(PROMPT_FAMILIES)}")
+    return None
+
+
+def _is_editor(source: Any) -> bool:
+    """A PlanEditor (or anything that holds a plan and tells its changes): what set_method follows."""
+    return hasattr(source, "on_change") and hasattr(source, "plan")
 
 
 @dataclass(frozen=True)
@@ -223,6 +249,7 @@ class PromptDraft(Observable):
         self.row_index = 0
         self.mode = MODES[1] if self._examples else MODES[0]  # few-shot when the template brings examples
         self.virtual: VirtualTokens | None = VirtualTokens.of(method)  # a prompt method's, shown in front
+        self._unfollow: Callable[[], None] | None = None  # stops following a PlanEditor's plan
         self.preview: Preview | None = None  # the last good rendering
         self.error: str | None = None
         self.warnings: list[str] = []
@@ -233,6 +260,7 @@ class PromptDraft(Observable):
         self._lock = threading.RLock()
         self._try_thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self._follow(method, None)
         self.refresh()
 
     # ---- listeners ------------------------------------------------------------------------
@@ -305,13 +333,41 @@ class PromptDraft(Observable):
     def set_method(self, method: Any, virtual_tokens: int | None = None, *, refresh: bool = True) -> None:
         """Show ``method``'s virtual tokens in front of the preview (``VirtualTokens.of``: a plan, a plan
         editor, a run config, a preset name with ``virtual_tokens``); a method without them, or None,
-        takes them away. A bad value raises here and changes nothing."""
+        takes them away. A bad value raises here and changes nothing.
+
+        A PlanEditor is followed: each change of its plan updates the preview, until ``set_method`` is
+        given another source. While the template has an error, the kept preview shows the new method."""
         virtual = VirtualTokens.of(method, virtual_tokens)
+        with self._lock:
+            self._follow(method, virtual_tokens)
+            self._show_virtual(virtual, refresh)
+
+    def _show_virtual(self, virtual: VirtualTokens | None, refresh: bool) -> None:
         with self._lock:
             changed = virtual != self.virtual
             self.virtual = virtual
+            if changed and self.preview is not None:  # kept as it is when the next render fails
+                self.preview = dataclasses.replace(self.preview, virtual=virtual)
             if changed and refresh:
                 self.refresh()
+
+    def _follow(self, method: Any, virtual_tokens: int | None) -> None:
+        """Follow ``method``'s plan when it is a PlanEditor (its "plan" events); stop following the last one."""
+        if self._unfollow is not None:
+            self._unfollow()
+            self._unfollow = None
+        if not _is_editor(method):
+            return
+
+        def on_plan(event: str) -> None:
+            if event != "plan":  # the editor's PLAN: the plan itself changed
+                return
+            try:
+                self._show_virtual(VirtualTokens.of(method, virtual_tokens), True)
+            except Exception as exc:  # the editor's edit stands; the draft says why it can't show it
+                self.report_error(exc)
+
+        self._unfollow = method.on_change(on_plan)
 
     # ---- few-shot examples -------------------------------------------------------------------
     @property

@@ -34,7 +34,8 @@ class PromptBuilder:
         the last the answer.
     debounce: seconds to wait after typing before the preview updates (0: at once).
     method: a prompt method (a FreezePlan, PlanEditor, RunConfig or preset name) whose virtual
-        tokens the preview shows in front of the prompt; ``set_method`` changes it later.
+        tokens the preview shows in front of the prompt; ``set_method`` changes it later. A PlanEditor
+        is followed: the preview changes with its plan.
     The state it edits is ``self.draft``, a ``PromptDraft``.
 
     Any error while previewing, checking or trying (a template that doesn't fit the data,
