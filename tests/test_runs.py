@@ -73,8 +73,8 @@ def test_packed_batches_match_separate_rows(tiny_llama_dir):
 
 
 def test_example_run_learns_and_resume_repeats_it(default_model_folder, tmp_path, cache):
-    """The example config on the default model, run for two dozen steps: loss goes down, the
-    adapter changes the answers, and resuming from the step-16 checkpoint gives the same
+    """The example config on the default model, run for a dozen steps: loss goes down, the
+    adapter changes the answers, and resuming from the step-8 checkpoint gives the same
     losses as the uninterrupted run."""
     from peft import PeftModel
 
@@ -85,27 +85,27 @@ def test_example_run_learns_and_resume_repeats_it(default_model_folder, tmp_path
     from sftkit.engine.train import run_training
 
     cfg = example_config().with_changes(store=str(tmp_path / "runs"), training={
-        "max_steps": 24, "eval_every": 8, "checkpoint_every": 8, "sample_every": 8})
+        "max_steps": 12, "eval_every": 4, "checkpoint_every": 4, "sample_every": 4})
     full = run_training(cfg).run
     assert full.state() == "finished", full.read_status()
     loss = losses(full)
-    assert sorted(loss) == list(range(1, 25))
-    assert sum(loss[s] for s in range(21, 25)) / 4 < loss[1] / 4, loss
+    assert sorted(loss) == list(range(1, 13))
+    assert sum(loss[s] for s in range(9, 13)) / 4 < loss[1] / 4, loss
 
-    # resume: a copy of the run cut back to its step-16 checkpoint, continued in this process
+    # resume: a copy of the run cut back to its step-8 checkpoint, continued in this process
     cut = RunFolder(tmp_path / "runs" / "cut")
     shutil.copytree(full.path, cut.path)
-    shutil.rmtree(cut.checkpoints_dir / "checkpoint-24")
+    shutil.rmtree(cut.checkpoints_dir / "checkpoint-12")
     shutil.rmtree(cut.adapter_dir)
     assert cut.state() == "finished"  # an ended run (the copy's status names no live writer of its own)
-    assert cut.last_checkpoint().name == "checkpoint-16"
+    assert cut.last_checkpoint().name == "checkpoint-8"
     result = run_training(cut.config(), cut, resume=True)
     assert result.state == "finished", cut.read_status()
     again = losses(cut)
-    assert sorted(again) == list(range(1, 25))
-    for step in range(17, 25):
+    assert sorted(again) == list(range(1, 13))
+    for step in range(9, 13):
         assert again[step] == pytest.approx(loss[step], rel=1e-3, abs=1e-5), (step, again[step], loss[step])
-    assert any(e["event"] == "resumed" and e["step"] == 16 for e in cut.events())
+    assert any(e["event"] == "resumed" and e["step"] == 8 for e in cut.events())
 
     # plain peft reload changes the answers on held-out rows
     rows = run_rows(cfg)
