@@ -174,3 +174,20 @@ def missing_piece(why: str, *, ci_message: str | None = None) -> None:
     if in_ci():
         pytest.fail(f"CI={os.environ['CI']}: " + (ci_message or f"{why}; `make test` must install it"), pytrace=False)
     pytest.skip(why)
+
+
+def eager_attentions(model, ids):
+    """``output_attentions`` of a plain eager forward (a peft model's base switched for it and back):
+    [layers, heads, queries, keys] as float32 numpy, the reference the attention captures are checked against."""
+    import numpy as np
+    import torch
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    before = base.config._attn_implementation
+    base.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            out = model(input_ids=torch.tensor([ids]), output_attentions=True, use_cache=False)
+    finally:
+        base.set_attn_implementation(before)
+    return np.stack([x[0].float().numpy() for x in out.attentions])

@@ -21,6 +21,8 @@ from sftkit.engine.attention import (
 from sftkit.engine.freeze import FreezePlan
 from sftkit.ui import AttentionView
 
+from helpers import eager_attentions
+
 TEXT = "<|im_start|>user\nWhat is the capital of France? Answer in one word.<|im_end|>\n<|im_start|>assistant\nParis"
 
 
@@ -36,25 +38,13 @@ def check_probabilities(cap):
     assert np.all(p[..., upper] == 0), "a token attends to a later token"
 
 
-def eager_reference(model, ids):
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    before = base.config._attn_implementation
-    base.set_attn_implementation("eager")
-    try:
-        with torch.no_grad():
-            out = model(input_ids=torch.tensor([ids]), output_attentions=True, use_cache=False)
-    finally:
-        base.set_attn_implementation(before)
-    return np.stack([a[0].numpy() for a in out.attentions])
-
-
 def test_capture_matches_output_attentions_and_keeps_the_fast_kernel(tiny):
     model, tok = tiny
     assert model.config._attn_implementation == "sdpa"
     cap = capture_attention(model, tok, TEXT)
     assert model.config._attn_implementation == "sdpa"  # switched back after the capture
     check_probabilities(cap)
-    ref = eager_reference(model, cap.input_ids)
+    ref = eager_attentions(model, cap.input_ids)
     np.testing.assert_allclose(cap.probs.astype(np.float32), ref, atol=1e-3)
     assert cap.probs.dtype == np.float16 and cap.probs.shape == (2, 4, len(cap.input_ids), len(cap.input_ids))
     assert "".join(t.text for t in cap.tokens) == TEXT
@@ -78,7 +68,7 @@ def test_default_model_full_and_4bit(default_model_folder):
         assert cap.probs.shape[:2] == (30, 9)  # 9 query heads share 3 key/value heads
         check_probabilities(cap)
         if quant == "none":
-            ref = eager_reference(model, cap.input_ids)
+            ref = eager_attentions(model, cap.input_ids)
             np.testing.assert_allclose(cap.probs.astype(np.float32), ref, atol=1e-3)
 
 

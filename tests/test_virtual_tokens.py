@@ -21,6 +21,8 @@ from sftkit.state.prompt_draft import PromptDraft, VirtualTokens
 from sftkit.ui import AttentionView, PromptBuilder
 from sftkit.ui.render import tokens_html
 
+from helpers import eager_attentions
+
 N = 5  # virtual tokens
 ROWS = [{"q": "What is 2+2? <script>alert(1)</script>", "a": "4 & <b>four</b>"}, {"q": "Capital of France?", "a": "Paris"}]
 TEMPLATE = Template(user_pattern="{q}", answer_field="a")
@@ -42,19 +44,6 @@ def method_model(model_dir, method, *, seed=0, q_scale=None, **settings):
     return FreezePlan.preset(method, a, virtual_tokens=N, **settings).apply(model, a), tok
 
 
-def reference(model, ids):
-    """``output_attentions`` of a plain eager forward: [layers, heads, queries, keys] as float32."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    before = base.config._attn_implementation
-    base.set_attn_implementation("eager")
-    try:
-        with torch.no_grad():
-            out = model(input_ids=torch.tensor([ids]), output_attentions=True, use_cache=False)
-    finally:
-        base.set_attn_implementation(before)
-    return np.stack([x[0].float().numpy() for x in out.attentions])
-
-
 def rendered(tok):
     return TEMPLATE.render(ROWS[0], tok)
 
@@ -67,7 +56,7 @@ def test_soft_prompt_positions_are_queries_and_keys_in_front_of_the_text(method,
     T = len(r.input_ids)
     assert virtual_positions(model) == (N, method)
     cap = capture_row(model, tok, TEMPLATE, ROWS[0])
-    ref = reference(model, r.input_ids)
+    ref = eager_attentions(model, r.input_ids)
     assert ref.shape == (2, 4, N + T, N + T)  # peft prepends N embeddings: queries and keys
     assert cap.probs.shape == ref.shape and cap.n_virtual == N and cap.method == method and cap.n_real == T
     np.testing.assert_allclose(cap.probs.astype(np.float32), ref, atol=2e-3)
@@ -93,7 +82,7 @@ def test_prefix_positions_are_keys_only_and_their_rows_stay_empty(tiny_llama_dir
     ids = rendered(tok).input_ids
     T = len(ids)
     cap = capture_attention(model, tok, input_ids=ids, layers=[1])
-    ref = reference(model, ids)[[1]]
+    ref = eager_attentions(model, ids)[[1]]
     assert ref.shape == (1, 4, T, N + T)  # keys and values in front, no extra queries
     assert cap.probs.shape == (1, 4, N + T, N + T) and cap.n_virtual == N and not cap.virtual_queries
     assert not cap.probs[:, :, :N].any()  # the prefix positions query nothing
@@ -122,11 +111,11 @@ def test_llama_adapter_capture_keeps_the_text_and_records_the_gates(tiny_llama_d
         gate.fill_(0.25)  # as after some training: the prompt now changes layer 1's output
     cap = capture_attention(model, tok, input_ids=ids)
     assert cap.n_virtual == 0 and cap.probs.shape == (2, 4, len(ids), len(ids))
-    np.testing.assert_allclose(cap.probs.astype(np.float32), reference(model, ids), atol=2e-3)
+    np.testing.assert_allclose(cap.probs.astype(np.float32), eager_attentions(model, ids), atol=2e-3)
     assert cap.prompt_gates == {1: pytest.approx(0.25)} and "layer 1 +0.250" in cap.note
     diff = adapter_diff(model, tok, input_ids=ids)  # the base: LLaMA-Adapter's modules swapped out
     assert diff.delta.shape == (2, 4, len(ids), len(ids)) and diff.before.prompt_gates == {}
-    np.testing.assert_allclose(diff.before.probs.astype(np.float32), reference(model.get_base_model(), ids), atol=2e-3)
+    np.testing.assert_allclose(diff.before.probs.astype(np.float32), eager_attentions(model.get_base_model(), ids), atol=2e-3)
 
 
 # ---- base vs adapter ---------------------------------------------------------------------------------------
@@ -136,8 +125,8 @@ def test_adapter_diff_compares_the_real_tokens_and_counts_the_moved_attention(me
     ids = rendered(tok).input_ids
     T = len(ids)
     with model.disable_adapter():
-        base = reference(model, ids)
-    tuned = reference(model, ids)[..., -T:, :]  # the real tokens' queries over every key
+        base = eager_attentions(model, ids)
+    tuned = eager_attentions(model, ids)[..., -T:, :]  # the real tokens' queries over every key
     diff = adapter_diff(model, tok, input_ids=ids)
     assert diff.delta.shape == (2, 4, T, T) and diff.has_virtual and "real tokens only" in diff.note
     assert diff.before.n_virtual == diff.after.n_virtual == 0 and diff.full[1].n_virtual == N
@@ -185,7 +174,7 @@ def test_diff_summaries_on_uniform_attention_are_the_hand_computed_ones(method, 
 def test_sink_is_the_first_real_token_in_a_soft_prompt_capture(tiny_llama_dir):
     model, tok = method_model(tiny_llama_dir, "prompt_tuning", q_scale=40.0)  # sharp attention
     ids = rendered(tok).input_ids
-    ref = reference(model, ids)
+    ref = eager_attentions(model, ids)
     cap = capture_attention(model, tok, input_ids=ids)
     np.testing.assert_allclose(cap.summary("sink"), ref[:, :, N:, N].mean(-1), atol=2e-3)
     assert np.abs(ref[:, :, N:, N].mean(-1) - ref[:, :, N:, 0].mean(-1)).max() > 1e-2  # <v0> would differ
@@ -197,7 +186,7 @@ def test_prefix_vs_prefix_change_averages_the_real_queries_only(tiny_llama_dir):
     one, tok = method_model(tiny_llama_dir, "prefix_tuning", seed=0)
     two, _ = method_model(tiny_llama_dir, "prefix_tuning", seed=1)
     ids = rendered(tok).input_ids
-    a, b = reference(one, ids), reference(two, ids)  # [layers, heads, real queries, N + T keys]
+    a, b = eager_attentions(one, ids), eager_attentions(two, ids)  # [layers, heads, real queries, N + T keys]
     diff = diff_captures(capture_attention(one, tok, input_ids=ids), capture_attention(two, tok, input_ids=ids))
     assert not diff.has_virtual
     want = 0.5 * np.abs(b - a).sum(-1).mean(-1)
@@ -224,7 +213,7 @@ def test_attention_view_shows_the_virtual_share_only_when_there_are_virtual_toke
     view = AttentionView(cap)
     assert "virtual" in view.summary.options
     view.summary.value = "virtual"
-    want = reference(model, ids)[:, :, N:, :N].sum(-1).mean(-1)  # the real queries' mass on the soft prompt
+    want = eager_attentions(model, ids)[:, :, N:, :N].sum(-1).mean(-1)  # the real queries' mass on the soft prompt
     np.testing.assert_allclose(view.grid_values(), want, atol=3e-3)
     shown = re.search(r"<b>([0-9.]+)%</b> of the real tokens' attention", view.virtual_line.value)
     assert shown is not None and abs(float(shown.group(1)) - 100 * float(want.mean())) < 0.1
