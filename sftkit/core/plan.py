@@ -25,6 +25,7 @@ from typing import Iterable
 
 from .anatomy import Anatomy
 from .errors import ConfigError
+from .fields import Int
 from .memory import MemoryEstimate, estimate_memory
 
 
@@ -50,6 +51,7 @@ PRESET_MEANINGS = {
     "none": "nothing: an empty start for explicit additions",
 }
 PRESETS = tuple(PRESET_MEANINGS)
+VIRTUAL_TOKENS = Int(1, 512)  # how many virtual tokens a prompt method may have: the plan's and the run config's range
 NEEDS_TOP_N = ("lora_top_blocks", "freeze_tuning")
 
 # What a plan's ``family`` can be: the module-grid methods and the prompt methods, and how each
@@ -152,8 +154,8 @@ class FreezePlan:
             raise PlanError(f"dropout={self.dropout!r} must be in [0, 1)")
         if self.family not in FAMILIES or self.family == "full":
             raise PlanError(f"family={self.family!r}; allowed: {', '.join(f for f in FAMILIES if f != 'full')}")
-        if not isinstance(self.virtual_tokens, int) or not 1 <= self.virtual_tokens <= 512:
-            raise PlanError(f"virtual_tokens={self.virtual_tokens!r} must be an integer from 1 to 512")
+        if not VIRTUAL_TOKENS.accepts(self.virtual_tokens):
+            raise PlanError(f"virtual_tokens={self.virtual_tokens!r} is not allowed; allowed: {VIRTUAL_TOKENS.describe()}")
         if self.prompt_init is not None and not (isinstance(self.prompt_init, str) and self.prompt_init.strip()):
             raise PlanError(f"prompt_init={self.prompt_init!r} must be a non-blank text, or None (random)")
         if self.family != "lora" and (self.use_dora or self.rslora):

@@ -20,7 +20,7 @@ from typing import Any, Iterator
 from .atomic import write_text_atomic
 from .errors import ConfigError
 from .fields import Choice, Flag, Float, Int, KnobSpec, Names, Text, check_fields, knob_of, setting
-from .plan import PRESETS  # the one definition, with what each preset means
+from .plan import PRESETS, VIRTUAL_TOKENS  # the one definition, with what each preset means
 from .policy import DEVICES, DTYPES, QUANTIZATIONS
 from .template import Template
 
@@ -120,7 +120,7 @@ class AdapterConfig:
     rslora: bool = setting(False, help="LoRA presets: rank-stabilised scaling (alpha / sqrt(rank) instead of alpha / rank)",
                            allowed=Flag(), widget="bool", label="rsLoRA")
     virtual_tokens: int = setting(20, help="prompt methods: trained virtual tokens (prompt/prefix/p-tuning; "
-                                  "adaption_prompt: per adapted block)", allowed=Int(1, 512), widget="int",
+                                  "adaption_prompt: per adapted block)", allowed=VIRTUAL_TOKENS, widget="int",
                                   label="virtual tokens")
     prompt_init: str | None = setting(None, help="prompt_tuning: start the soft prompt from this text's token vectors",
                                       allowed=Text("a text (cut or repeated to the virtual tokens)", null="random"),
