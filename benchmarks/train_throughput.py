@@ -151,7 +151,9 @@ def _from_metrics(run) -> dict:
     rows = [m for m in run.metrics() if "loss" in m]
     first, last = rows[0], rows[-1]
     batching = next((e for e in run.events() if e["event"] == "batching"), {})
-    return {"seconds": last["time"] - first["time"], "tokens": last["tokens_seen"] - first["tokens_seen"],
+    started = next((e for e in run.events() if e["event"] == "started"), {})
+    return {"frozen_dtype": started.get("frozen_dtype"),
+            "seconds": last["time"] - first["time"], "tokens": last["tokens_seen"] - first["tokens_seen"],
             "final_loss": last["loss"], "all_tokens": last["tokens_seen"], "batching": batching.get("message", ""),
             "run_rss": max(m.get("memory_rss", 0) for m in rows)}
 
@@ -160,6 +162,17 @@ def run_sftkit(job: dict) -> dict:
     from sftkit.engine.train import run_training
 
     result = run_training(sftkit_config(job))
+    if result.state != "finished":
+        raise SystemExit(f"sftkit run failed: {result.message}")
+    return _from_metrics(result.run)
+
+
+def run_sftkit_fp32(job: dict) -> dict:
+    """sftkit with every weight in fp32 (``model.dtype: float32``): what the bf16 frozen weights add."""
+    from sftkit.engine.train import run_training
+
+    cfg = sftkit_config(job)
+    result = run_training(cfg.with_changes(model={"dtype": "float32"}))
     if result.state != "finished":
         raise SystemExit(f"sftkit run failed: {result.message}")
     return _from_metrics(result.run)
@@ -184,7 +197,8 @@ def run_sftkit_live(job: dict) -> dict:
 
 
 def child(job: dict) -> None:
-    fn = {"plain": run_plain, "sftkit": run_sftkit, "sftkit_live": run_sftkit_live}[job["who"]]
+    fn = {"plain": run_plain, "sftkit": run_sftkit, "sftkit_live": run_sftkit_live,
+          "sftkit_fp32": run_sftkit_fp32}[job["who"]]
     out = fn(job)
     out["peak_rss"] = out["run_rss"] if out.get("rss_is_sampled") else peak_rss()
     if job["device"] == "cuda":
@@ -300,6 +314,8 @@ def main():
                         results.append(measure_one(base, tmp, kind, who, quant, repeat, train_rows, rate, n_params))
             if kind == "mixed" and not args.no_live:
                 results.append(measure_one(base, tmp, kind, "sftkit_live", "none", 0, train_rows, rate, n_params))
+            if kind == "mixed" and any(r.get("frozen_dtype") for r in results if r["who"] == "sftkit"):
+                results.append(measure_one(base, tmp, kind, "sftkit_fp32", "none", 0, train_rows, rate, n_params))
             if lengths is None:
                 from transformers import AutoTokenizer
 
@@ -335,7 +351,9 @@ def report(results: list[dict], rate: float, args, device: str) -> str:
              f"plain and sftkit in alternating order, the median of {args.repeats} run(s) each. Real tokens/s over the "
              f"steps after the first; fp32 matmul measured here: {rate / 1e9:.0f} GFLOP/s. \"Of matmul limit\" "
              f"counts 4 x 134.5M FLOPs per real token for both (sftkit does less work per token than that: its "
-             f"head runs at the trained positions only). Peak RSS: the training process's peak (the launcher row: "
+             f"head runs at the trained positions only; where its frozen weights are bf16, their matmuls run at the "
+             f"bf16 rate, about twice the fp32 one, so the fp32 limit is not a ceiling). Peak RSS: the training process's peak "
+             f"(the launcher row: "
              f"the largest RSS its run process logged).", "",
              "| rows | run | weights | real tokens/s | vs plain | of matmul limit | peak RSS | final loss | batching |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -343,9 +361,12 @@ def report(results: list[dict], rate: float, args, device: str) -> str:
         ratio = r["tokens_per_s"] / plain_of(r)["tokens_per_s"]
         span = f" ({r['lengths'][0]}-{r['lengths'][1]} tokens)" if r.get("lengths") else ""
         who = {"plain": "plain Trainer + peft", "sftkit": "sftkit defaults",
-               "sftkit_live": "sftkit defaults, launcher redrawing"}[r["who"]]
-        lines.append(f"| {r['rows']}{span} | {who} | {'4-bit NF4' if r['quantization'] == '4bit' else 'fp32'} | "
-                     f"{r['tokens_per_s']:.0f} | {ratio:.2f}x | {r['mfu']:.0%} | {r['peak_rss'] / 2**30:.2f} GiB | "
+               "sftkit_live": "sftkit defaults, launcher redrawing",
+               "sftkit_fp32": "sftkit, `model.dtype: float32`"}[r["who"]]
+        weights = ("4-bit NF4" if r["quantization"] == "4bit" else
+                   f"fp32, frozen in {r['frozen_dtype']}" if r.get("frozen_dtype") else "fp32")
+        lines.append(f"| {r['rows']}{span} | {who} | {weights} | {r['tokens_per_s']:.0f} | {ratio:.2f}x | "
+                     f"{r['mfu']:.0%} | {r['peak_rss'] / 2**30:.2f} GiB | "
                      f"{r['final_loss']:.3f} | {r.get('batching', '') or 'padded batches'} |")
     live = next((r for r in results if r["who"] == "sftkit_live"), None)
     if live is not None:

@@ -183,22 +183,29 @@ ACTIVATION_TOLERANCE = 0.20  # stated in the README; measured 0.94-1.13 across p
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset,top_n,gc,attn,trained", [
-    ("lora_attention", None, False, "sdpa", None),
-    ("lora_all_linear", None, False, "eager", None),
-    ("freeze_tuning", 4, False, "sdpa", None),
-    ("bitfit", None, False, "sdpa", None),
-    ("lora_attention", None, True, "sdpa", None),
-    ("lora_all_linear", None, False, "sdpa", 12),  # sftkit's runs: the head at the 12 trained tokens only
+@pytest.mark.parametrize("preset,top_n,gc,attn,trained,frozen", [
+    ("lora_attention", None, False, "sdpa", None, None),
+    ("lora_all_linear", None, False, "eager", None, None),
+    ("freeze_tuning", 4, False, "sdpa", None, None),
+    ("bitfit", None, False, "sdpa", None, None),
+    ("lora_attention", None, True, "sdpa", None, None),
+    ("lora_all_linear", None, False, "sdpa", 12, None),  # sftkit's runs: the head at the 12 trained tokens only
+    # the frozen weights in bf16 (CPUs with native bf16, engine/precision.py): adapters, and blocks trained in place
+    ("lora_all_linear", None, False, "sdpa", 12, "bfloat16"),
+    ("freeze_tuning", 4, False, "sdpa", None, "bfloat16"),
 ])
 def test_memory_estimate_matches_measurement_on_the_default_model(default_model_folder, preset, top_n, gc, attn,
-                                                                   trained):
+                                                                   trained, frozen):
+    from sftkit.engine.precision import store_frozen_in
+
     model = sftkit.load_model("default", attn_implementation=attn).model
     a = inspect_model(model)
     plan = FreezePlan.preset(preset, a, top_n=top_n)
     est = plan.memory_estimate(a, batch_size=2, seq_len=80, gradient_checkpointing=gc, attention=attn,
-                               trained_per_row=trained)
+                               trained_per_row=trained, frozen=frozen)
     tuned = plan.apply(model, a)
+    if frozen:
+        assert store_frozen_in(tuned, frozen) > 0
     if gc:
         tuned.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         tuned.enable_input_require_grads()

@@ -227,3 +227,20 @@ def test_from_adapter_names_bad_names():
         FreezePlan.from_adapter(AdapterConfig(add_lora=["model.layers.9.mlp.up_proj"]), make_anatomy())
     with pytest.raises(PlanError, match="trains nothing"):
         FreezePlan.from_adapter(AdapterConfig(preset="none"), make_anatomy())
+
+
+def test_frozen_weights_in_bf16_halve_the_frozen_part_of_the_estimate_only():
+    a = make_anatomy()
+    total = a.total_params
+    fp32, mixed = PlanEditor(a), PlanEditor(a, frozen="bfloat16")
+    assert PlanEditor(a, frozen="float32").frozen is None  # the same as the weights: nothing apart
+    lora = fp32.trainable
+    assert fp32.estimate.weights == (total + lora) * 4  # the base and the adapters, fp32
+    assert mixed.estimate.weights == total * 2 + lora * 4  # the base in bf16, the adapters fp32
+    assert (mixed.estimate.gradients, mixed.estimate.optimizer) == (fp32.estimate.gradients, fp32.estimate.optimizer)
+    assert any("frozen weights stored in bfloat16" in n for n in mixed.estimate.notes)
+    # weights trained in place (the top block) stay fp32
+    top = FreezePlan.preset("freeze_tuning", a, top_n=1)
+    in_place = PlanEditor(a, top, frozen="bfloat16")
+    trained = in_place.trainable
+    assert in_place.estimate.weights == (total - trained) * 2 + trained * 4

@@ -66,9 +66,40 @@ def test_bad_values_name_field_and_allowed():
 def test_aliases_and_bf16_on_cpu_warns():
     plan = decide_load_plan(CPU, quantization="NF4", dtype="bf16")
     assert plan.quantization == "4bit" and plan.dtype == "bfloat16"
-    assert any("100x slower" in w for w in plan.warnings)
+    assert any("many times slower" in w for w in plan.warnings)
 
 
 def test_bf16_on_gpu_without_support_is_an_error():
     with pytest.raises(ConfigError, match="no bf16"):
         decide_load_plan(T4, device="cuda", dtype="bfloat16")
+
+
+CPU_BF16 = HardwareFacts(cpu_count=2, bnb_available=True, bnb_version="0.50.2", cpu_bf16=True)
+
+
+def test_cpu_with_native_bf16_trains_frozen_weights_in_bf16_and_says_why():
+    plan = decide_load_plan(CPU_BF16)
+    assert (plan.dtype, plan.compute_dtype, plan.frozen_dtype) == ("float32", "float32", "bfloat16")
+    text = plan.describe()
+    assert "frozen weights' matmuls in bfloat16" in text and "AVX512-BF16/AMX" in text
+    assert "dtype='float32' keeps every weight in fp32" in text
+
+
+def test_frozen_bf16_only_where_it_is_native_and_not_asked_otherwise():
+    assert decide_load_plan(CPU).frozen_dtype is None  # no native bf16: all fp32, and the text says why
+    assert "no native bf16" in decide_load_plan(CPU).describe()
+    assert decide_load_plan(CPU_BF16, dtype="float32").frozen_dtype is None  # asked for fp32 everywhere
+    assert decide_load_plan(CPU_BF16, quantization="4bit").frozen_dtype is None  # 4-bit weights are not bf16
+    assert decide_load_plan(H100).frozen_dtype is None and decide_load_plan(H100, quantization="none").frozen_dtype is None
+    plan = decide_load_plan(CPU_BF16, dtype="bfloat16")  # native: no slowness warning
+    assert plan.dtype == "bfloat16" and not plan.warnings
+    assert decide_load_plan(CPU, dtype="bfloat16").warnings  # not native: warned
+
+
+def test_native_bf16_is_read_from_the_cpu_flags():
+    from sftkit.engine.hardware import cpu_has_native_bf16
+
+    assert cpu_has_native_bf16("processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16 amx_tile\n")
+    assert cpu_has_native_bf16("flags\t: fpu amx_bf16 amx_tile\n")
+    assert not cpu_has_native_bf16("flags\t: fpu sse2 avx2 avx512f\nbugs\t: avx512_bf16\n")  # flags line only
+    assert not cpu_has_native_bf16("Features\t: fp asimd\n")

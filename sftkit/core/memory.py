@@ -55,7 +55,7 @@ def estimate_memory(sizes: dict, *, trainable: int, batch_size: int, seq_len: in
                     lora_input_features: int = 0, lowest_trained_block: int = 0,
                     trainable_dtype: str | None = None, adapters: bool = False,
                     projections_trained: bool = True, trained_per_row: int | None = None,
-                    pass_tokens: int | None = None) -> MemoryEstimate:
+                    pass_tokens: int | None = None, frozen: str | None = None) -> MemoryEstimate:
     """Estimate training memory in bytes.
 
     sizes: total_params, linear_params (the block projections, the part 4/8-bit applies to),
@@ -74,6 +74,9 @@ def estimate_memory(sizes: dict, *, trainable: int, batch_size: int, seq_len: in
         those only (sftkit's runs). None: logits for every token (the model's own loss).
     pass_tokens: the batch runs as passes of at most this many tokens (``training.max_pass_tokens``):
         activations are one pass's.
+    frozen: storage of the frozen weights when a run keeps them apart from ``weights`` (bfloat16 on CPUs
+        with native bf16, engine/precision.py); the weights that train in place stay ``weights``. The
+        norms, a few thousand values that stay fp32, are counted as frozen.
     """
     if weights not in WEIGHT_FORMATS:
         raise ValueError(f"weights={weights!r}; allowed: {', '.join(WEIGHT_FORMATS)}")
@@ -86,6 +89,11 @@ def estimate_memory(sizes: dict, *, trainable: int, batch_size: int, seq_len: in
         w = sizes["linear_params"] * NF4_BYTES_PER_PARAM + other * act_bytes
     elif weights == "8bit":
         w = sizes["linear_params"] * INT8_BYTES_PER_PARAM + other * act_bytes
+    elif frozen and frozen != weights:
+        if frozen not in _BYTES:
+            raise ValueError(f"frozen={frozen!r}; allowed: {', '.join(_BYTES)}")
+        in_place = 0 if adapters else trainable
+        w = (sizes["total_params"] - in_place) * _BYTES[frozen] + in_place * _BYTES[weights]
     else:
         w = sizes["total_params"] * _BYTES[weights]
     t_bytes = _BYTES[trainable_dtype or ("float32" if adapters or weights in ("4bit", "8bit") else weights)]
@@ -117,6 +125,8 @@ def estimate_memory(sizes: dict, *, trainable: int, batch_size: int, seq_len: in
         recompute = 0
     if weights == "4bit":
         notes.append("4-bit NF4 with double quantization for the block projections")
+    elif frozen and frozen != weights:
+        notes.append(f"frozen weights stored in {frozen}, trained ones in {weights}")
     if pass_tokens and rows_per_pass < batch_size:
         notes.append(f"the batch runs as passes of {rows_per_pass} row(s): activations are one pass's")
     return MemoryEstimate(int(w + extra_weights), int(grads), int(optim), int(acts), int(recompute), tuple(notes))

@@ -392,8 +392,9 @@ class FreezePlan:
     def memory_estimate(self, anatomy: Anatomy, *, batch_size: int = 8, seq_len: int = 256,
                         weights: str = "float32", gradient_checkpointing: bool = False,
                         attention: str = "sdpa", trained_per_row: int | None = None,
-                        pass_tokens: int | None = None) -> MemoryEstimate:
-        """Bytes for weights, gradients, AdamW states and activations (see core.memory).
+                        pass_tokens: int | None = None, frozen: str | None = None) -> MemoryEstimate:
+        """Bytes for weights, gradients, AdamW states and activations (see core.memory); ``frozen``: the
+        frozen weights' storage when the run keeps them in another dtype (bf16 on CPUs with native bf16).
 
         What each method keeps for backward, measured on SmolLM2-135M with saved-tensor hooks
         (``tests/test_peft_methods.py`` checks it): LoRA keeps each adapted projection's input; IA3
@@ -411,7 +412,7 @@ class FreezePlan:
             trained_per_row = pass_tokens = None
         common = dict(trainable=r.trainable, batch_size=batch_size, weights=weights,
                       gradient_checkpointing=gradient_checkpointing, attention=attention, lowest_trained_block=lowest,
-                      trained_per_row=trained_per_row, pass_tokens=pass_tokens)
+                      trained_per_row=trained_per_row, pass_tokens=pass_tokens, frozen=frozen)
         if self.prompt_method:
             longer = self.family in ("prompt_tuning", "p_tuning")
             return estimate_memory(anatomy.numbers(), seq_len=seq_len + (self.virtual_tokens if longer else 0),

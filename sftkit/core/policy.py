@@ -4,9 +4,13 @@ Pure logic over a snapshot of the hardware (``HardwareFacts``), so every branch,
 CUDA included, is testable on any machine. The engine probes the facts; this module
 decides and explains the decision in words the UI can show.
 
-Measured on the 2-core CPU machines the workshops use: fp32 matmul runs at
-110-170 GFLOP/s while bf16/fp16 run near 1 GFLOP/s, so CPU work is fp32. bitsandbytes
-NF4 runs on CPU but saves memory, not time, so "auto" turns 4-bit on for CUDA only.
+On CPUs, half-precision matmuls are fast only where the CPU has native bf16 instructions
+(AVX512-BF16, AMX): there a bf16 matmul runs about twice as fast as fp32 (measured on the 2-core
+EPYC machines the workshops use, torch 2.13; benchmarks/RESULTS.md), elsewhere it falls back to slow
+code. So on a CPU with native bf16, "auto" stores the frozen weights in bf16 and runs their matmuls
+in bf16 while the activations, the trained weights and the loss stay fp32 (``frozen_dtype``); on
+other CPUs everything is fp32. bitsandbytes NF4 runs on CPU but saves memory, not time, so "auto"
+turns 4-bit on for CUDA only.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ class HardwareFacts:
     bnb_problem: str | None = None  # why bitsandbytes can't be used, if it can't
     cpu_count: int = 1
     ram_total_bytes: int | None = None
+    cpu_bf16: bool = False  # the CPU has native bf16 matmul instructions (AVX512-BF16 or AMX)
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,9 @@ class LoadPlan:
     attn_implementation: str | None
     reasons: tuple[str, ...] = field(default_factory=tuple)
     warnings: tuple[str, ...] = field(default_factory=tuple)
+    # a training run stores its frozen linear/embedding weights in this dtype and runs their matmuls in
+    # it, activations and trained weights staying in ``dtype`` (None: the frozen weights are ``dtype`` too)
+    frozen_dtype: str | None = None
 
     @property
     def method(self) -> str:
@@ -61,7 +69,8 @@ class LoadPlan:
             + (f"in {self.quantization} NF4 with {self.compute_dtype} compute"
                if self.quantization == "4bit" else
                f"in 8-bit with {self.compute_dtype} compute" if self.quantization == "8bit" else
-               f"in {self.dtype}")
+               f"in {self.dtype}" + (f", frozen weights' matmuls in {self.frozen_dtype} when training"
+                                     if self.frozen_dtype else ""))
             + "."
         )
         lines = [head, *self.reasons]
@@ -104,6 +113,7 @@ def decide_load_plan(
     dtype = _normalize(dtype, DTYPES, "dtype")
     reasons: list[str] = []
     warnings: list[str] = []
+    frozen_dtype: str | None = None
 
     # Device.
     if device == "cuda" and not facts.cuda_available:
@@ -131,11 +141,20 @@ def decide_load_plan(
             )
         else:
             dtype = "float32"
-            reasons.append("fp32 compute: on CPUs bf16/fp16 matmuls are about 100x slower than fp32.")
-    elif device == "cpu" and dtype != "float32":
+            if facts.cpu_bf16 and quantization in ("auto", "none"):
+                frozen_dtype = "bfloat16"
+                reasons.append(
+                    "fp32 compute, with the frozen weights stored in bf16 when training: this CPU has native "
+                    "bf16 matmuls (AVX512-BF16/AMX), about twice as fast as fp32, and the frozen weights take "
+                    "half the memory; adapters, trained weights, activations and the loss stay fp32. "
+                    "dtype='float32' keeps every weight in fp32.")
+            else:
+                reasons.append("fp32 compute: this CPU has no native bf16 matmuls (AVX512-BF16/AMX), and "
+                               "without them bf16/fp16 matmuls are many times slower than fp32.")
+    elif device == "cpu" and dtype != "float32" and not facts.cpu_bf16:
         warnings.append(
-            f"dtype={dtype} on CPU: half-precision matmuls on CPUs without native support run "
-            "about 100x slower than fp32; use dtype='auto' unless memory forces it."
+            f"dtype={dtype} on CPU: this CPU has no native bf16 matmuls (AVX512-BF16/AMX), so half-precision "
+            "matmuls run many times slower than fp32; use dtype='auto' unless memory forces it."
         )
     elif device == "cuda" and dtype == "bfloat16" and not facts.cuda_bf16:
         raise ConfigError(
@@ -195,4 +214,5 @@ def decide_load_plan(
         attn_implementation=attn_implementation,
         reasons=tuple(reasons),
         warnings=tuple(warnings),
+        frozen_dtype=frozen_dtype if quantization == "none" else None,
     )

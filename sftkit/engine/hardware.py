@@ -81,6 +81,25 @@ def bitsandbytes_status() -> tuple[bool, str | None, str | None]:
     return True, version, None
 
 
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether the CPU has bf16 matmul instructions (the x86 flags ``avx512_bf16`` or ``amx_bf16``, read from
+    /proc/cpuinfo; False where that file is missing, e.g. macOS and Windows, which then train in fp32)."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return False
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.partition(":")[2].split())
+            return any(flag in flags for flag in BF16_CPU_FLAGS)
+    return False
+
+
 def probe_hardware() -> HardwareFacts:
     import torch
 
@@ -102,4 +121,5 @@ def probe_hardware() -> HardwareFacts:
         bnb_problem=problem,
         cpu_count=os.cpu_count() or 1,
         ram_total_bytes=ram_total_bytes(),
+        cpu_bf16=cpu_has_native_bf16(),
     )

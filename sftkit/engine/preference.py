@@ -31,7 +31,7 @@ from ..core.rundata import RowReport, RunRows
 from ..core.runstore import RunFolder, RunWriter
 from ..core.template import Template
 from .callbacks import RunContext, run_callbacks
-from .recipes import DataParts, ModelParts, RunResult, Setting, begin, build_model, finish
+from .recipes import DataParts, ModelParts, RunResult, Setting, begin, build_model, finish, store_frozen
 
 REF_ADAPTER = "ref"  # the name TRL gives the frozen copy of a loaded adapter
 
@@ -74,6 +74,7 @@ def build_preference_model(cfg: RunConfig, setting: Setting) -> ModelParts:
         keep_4bit_layers_in_train_mode(model)
     if cfg.training.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
+    store_frozen(model, setting)
     return ModelParts(model, tokenizer, anatomy, plan)
 
 

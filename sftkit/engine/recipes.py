@@ -58,6 +58,7 @@ class Setting:
     quantization: str
     dtype: str
     world: int = 1
+    frozen_dtype: str | None = None  # the frozen weights' storage and matmul dtype (None: ``dtype``)
 
     @property
     def quantized(self) -> bool:
@@ -87,7 +88,17 @@ def build_model(cfg: RunConfig, setting: Setting) -> ModelParts:
     if cfg.training.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
     check_trainable(model, plan, anatomy)
+    store_frozen(model, setting)
     return ModelParts(model, tokenizer, anatomy, plan)
+
+
+def store_frozen(model, setting: Setting) -> int:
+    """The setting's frozen-weight dtype applied once the plan has set what trains (engine/precision.py)."""
+    if not setting.frozen_dtype or setting.frozen_dtype == setting.dtype or setting.quantized:
+        return 0
+    from .precision import store_frozen_in
+
+    return store_frozen_in(model, setting.frozen_dtype, activations=setting.dtype)
 
 
 def check_trainable(model, plan, anatomy) -> int:
@@ -180,6 +191,12 @@ def build_trainer(cfg: RunConfig, parts: ModelParts, data: DataParts, ctx: RunCo
     return trainer
 
 
+def _frozen_dtype(model) -> str | None:
+    from .precision import frozen_dtype_of
+
+    return frozen_dtype_of(model)
+
+
 def begin(ctx: RunContext, parts: ModelParts, data: DataParts, *, resume: bool, process_started: float):
     """The checkpoint to resume from (None for a new run); the run's first events."""
     run, writer = ctx.run, ctx.writer
@@ -196,7 +213,7 @@ def begin(ctx: RunContext, parts: ModelParts, data: DataParts, *, resume: bool, 
     elif ctx.is_main:
         writer.event("started", pid=os.getpid(), world_size=ctx.world, device=ctx.device,
                      train_rows=len(data.train), eval_rows=len(data.eval or []), plan=parts.plan.label,
-                     trainable=parts.plan.trainable_params(parts.anatomy))
+                     trainable=parts.plan.trainable_params(parts.anatomy), frozen_dtype=_frozen_dtype(parts.model))
     if ctx.is_main:
         for report in data.reports:
             if report.dropped:

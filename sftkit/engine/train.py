@@ -284,7 +284,8 @@ def run_training(cfg: RunConfig, run: RunFolder | None = None, *, resume: bool =
             signal.signal(signal.SIGTERM, on_signal)
         from .recipes import RECIPES, Setting
 
-        setting = Setting(device, plan_words.compute_dtype, plan_words.quantization, plan_words.dtype, world)
+        setting = Setting(device, plan_words.compute_dtype, plan_words.quantization, plan_words.dtype, world,
+                          frozen_dtype=plan_words.frozen_dtype)
         run = _share_run_folder(cfg, run, setting)
         return RECIPES[cfg.objective](cfg, run, writer, opened.rows if opened is not None else run_rows(cfg), setting,
                               resume=resume, stop_signal=stop_signal, process_started=ProcessId.current().start or time.time())

@@ -43,14 +43,18 @@ class PlanEditor(Observable):
         one from a loaded model and probes the device.
     plan: the starting plan (default: LoRA on attention, rank 16).
     weights: how the weights are stored (float32, bfloat16, float16, 4bit, 8bit).
+    frozen: how a run stores the frozen weights when that differs (bfloat16: a CPU with native bf16,
+        the policy's ``frozen_dtype``; ``for_model`` asks the policy); None: as ``weights``.
     device_bytes, device_name: the memory the estimate is compared with (None: unknown, always fits).
     """
 
     def __init__(self, anatomy: Anatomy, plan: FreezePlan | None = None, *, weights: str = "float32",
                  device_bytes: int | None = None, device_name: str = "device", batch_size: int = 8,
-                 seq_len: int = 256, gradient_checkpointing: bool = False, pass_tokens: int | None = None):
+                 seq_len: int = 256, gradient_checkpointing: bool = False, pass_tokens: int | None = None,
+                 frozen: str | None = None):
         self.anatomy = anatomy
         self.weights = weights
+        self.frozen = frozen if frozen != weights else None
         self.device_bytes = device_bytes
         self.device_name = device_name
         self.batch_size, self.seq_len, self.gradient_checkpointing = batch_size, seq_len, gradient_checkpointing
@@ -81,8 +85,15 @@ class PlanEditor(Observable):
             facts = probe_hardware()
             device_bytes = facts.cuda_free_bytes if facts.cuda_available else facts.ram_total_bytes
             name = facts.cuda_name if facts.cuda_available else "RAM"
-        return cls(anatomy, plan, weights=weights_format(model, anatomy), device_bytes=device_bytes,
-                   device_name=name, **kwargs)
+        weights = weights_format(model, anatomy)
+        if "frozen" not in kwargs and weights == "float32":
+            # what a run on this model's device would do with its frozen weights (the policy decides)
+            from ..engine.models import plan_load
+
+            device = getattr(model, "device", None)
+            kwargs["frozen"] = plan_load(device="cuda" if getattr(device, "type", "cpu") == "cuda" else "cpu",
+                                         quantization="none").frozen_dtype
+        return cls(anatomy, plan, weights=weights, device_bytes=device_bytes, device_name=name, **kwargs)
 
     # ---- notifications -----------------------------------------------------------------
 
@@ -245,7 +256,7 @@ class PlanEditor(Observable):
             self.trainable = self._plan.trainable_params(self.anatomy)
             self.estimate = self._plan.memory_estimate(
                 self.anatomy, batch_size=self.batch_size, seq_len=self.seq_len, weights=self.weights,
-                gradient_checkpointing=self.gradient_checkpointing, pass_tokens=self.pass_tokens)
+                gradient_checkpointing=self.gradient_checkpointing, pass_tokens=self.pass_tokens, frozen=self.frozen)
             self.error = None
         except PlanError as exc:
             self.estimate = None

@@ -227,11 +227,12 @@ class LayerPicker:
         error, est = ed.error, ed.estimate
         words = ed.virtual_tokens_text()
         self.tokens.value = "" if words is None else _tokens_html(ed.plan.virtual_tokens, words)
+        frozen = f" (frozen ones in {ed.frozen} when training)" if ed.frozen else ""
         self.counters.value = "" if est is None else (
             f'<div class="sftkit-counters"><b>{ed.trainable:,}</b> trainable parameters: '
             f'<b>{_percent(ed.trainable_percent)}</b> of the model ({ed.total_params:,}) trains &middot; '
             f'{html.escape(ed.plan.kind_label)} '
-            f'&middot; weights {ed.weights} &middot; plan: {html.escape(ed.plan.label)}<table style="font-size:12px">'
+            f'&middot; weights {ed.weights}{frozen} &middot; plan: {html.escape(ed.plan.label)}<table style="font-size:12px">'
             + "".join(f"<tr><td>{k}</td><td style='text-align:right'>{v / 2**20:,.0f} MiB</td></tr>"
                       for k, v in est.rows())
             + f"</table>estimated peak for batch {ed.batch_size} x {ed.seq_len} tokens"
