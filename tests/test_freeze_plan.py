@@ -209,7 +209,7 @@ def test_memory_estimate_matches_measurement_on_the_default_model(default_model_
     if gc:
         tuned.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         tuned.enable_input_require_grads()
-    m = measure_training_step(tuned, 2, 80, trained_per_row=trained)
+    m = measure_training_step(tuned, 2, 80, trained_per_row=trained, saved_dtype=frozen)
     assert est.weights == pytest.approx(m.weights, rel=0.01)
     assert est.gradients == pytest.approx(m.gradients, rel=0.01)
     assert est.optimizer == pytest.approx(m.optimizer, rel=0.01)

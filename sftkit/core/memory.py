@@ -76,20 +76,22 @@ def estimate_memory(sizes: dict, *, trainable: int, batch_size: int, seq_len: in
         activations are one pass's.
     frozen: storage of the frozen weights when a run keeps them apart from ``weights`` (bfloat16 on CPUs
         with native bf16, engine/precision.py); the weights that train in place stay ``weights``. The
-        norms, a few thousand values that stay fp32, are counted as frozen.
+        norms, a few thousand values that stay fp32, are counted as frozen. Such a run also keeps what
+        backward needs (the activations, the logits) in ``frozen`` (precision.saved_in).
     """
     if weights not in WEIGHT_FORMATS:
         raise ValueError(f"weights={weights!r}; allowed: {', '.join(WEIGHT_FORMATS)}")
     if batch_size < 1 or seq_len < 1:
         raise ValueError("batch_size and seq_len must be >= 1")
     compute = compute or (weights if weights in _BYTES else "float32")
-    act_bytes = _BYTES[compute]
+    apart = bool(frozen) and frozen != weights and weights in _BYTES
+    act_bytes = _BYTES[frozen] if apart else _BYTES[compute]
     other = sizes["total_params"] - sizes["linear_params"]
     if weights == "4bit":
         w = sizes["linear_params"] * NF4_BYTES_PER_PARAM + other * act_bytes
     elif weights == "8bit":
         w = sizes["linear_params"] * INT8_BYTES_PER_PARAM + other * act_bytes
-    elif frozen and frozen != weights:
+    elif apart:
         if frozen not in _BYTES:
             raise ValueError(f"frozen={frozen!r}; allowed: {', '.join(_BYTES)}")
         in_place = 0 if adapters else trainable
@@ -114,7 +116,7 @@ def estimate_memory(sizes: dict, *, trainable: int, batch_size: int, seq_len: in
         per_block += sizes["heads"] * seq_len
     active = max(0, min(L, L - lowest_trained_block))
     logit_rows = tokens if trained_per_row is None else rows_per_pass * min(trained_per_row, seq_len)
-    logits = logit_rows * V * 4  # the loss works on fp32 logits
+    logits = logit_rows * V * (act_bytes if apart else 4)  # the loss works on fp32 logits
     notes = []
     if gradient_checkpointing:
         acts = tokens * (active + 1) * h * act_bytes + logits
@@ -125,8 +127,9 @@ def estimate_memory(sizes: dict, *, trainable: int, batch_size: int, seq_len: in
         recompute = 0
     if weights == "4bit":
         notes.append("4-bit NF4 with double quantization for the block projections")
-    elif frozen and frozen != weights:
-        notes.append(f"frozen weights stored in {frozen}, trained ones in {weights}")
+    elif apart:
+        notes.append(f"frozen weights stored in {frozen}, trained ones in {weights}; backward keeps {frozen} "
+                     "activations")
     if pass_tokens and rows_per_pass < batch_size:
         notes.append(f"the batch runs as passes of {rows_per_pass} row(s): activations are one pass's")
     return MemoryEstimate(int(w + extra_weights), int(grads), int(optim), int(acts), int(recompute), tuple(notes))

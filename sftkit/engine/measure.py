@@ -14,30 +14,38 @@ class MeasuredMemory:
 
 
 def measure_training_step(model, batch_size: int, seq_len: int, *, vocab_limit: int | None = None,
-                          seed: int = 0, trained_per_row: int | None = None) -> MeasuredMemory:
+                          seed: int = 0, trained_per_row: int | None = None,
+                          saved_dtype: str | None = None) -> MeasuredMemory:
     """Run forward, backward and one AdamW step on random token ids and count tensor bytes.
 
     Activations are what autograd keeps for backward (saved-tensor hooks), each storage
     counted once and parameters left out: the quantity an activation estimate predicts.
     trained_per_row: only the last this-many tokens of each row train, and the loss is sftkit's
     (the head at trained positions only); None: every token trains, the model's own loss.
+    saved_dtype: backward's activations kept in this dtype as a run does (``precision.saved_in``); the
+    bytes counted are the kept copies.
     """
     import torch
 
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: dict = {}
 
+    from .precision import saved_in, unpack
+
+    keep = saved_in(model, saved_dtype) if saved_dtype else None
+
     def pack(t):
-        st = t.untyped_storage()
+        kept = keep.pack(t) if keep is not None else t
+        st = (kept if torch.is_tensor(kept) else kept.tensor).untyped_storage()
         if st.data_ptr() not in params:
             saved[(st.data_ptr(), st.nbytes())] = st.nbytes()
-        return t
+        return kept
 
     vocab = vocab_limit or model.get_input_embeddings().num_embeddings
     ids = torch.randint(0, vocab, (batch_size, seq_len), generator=torch.Generator().manual_seed(seed))
     ids = ids.to(next(model.parameters()).device)
     model.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         if trained_per_row is None:
             loss = model(input_ids=ids, labels=ids, use_cache=False).loss
         else:

@@ -187,6 +187,7 @@ def build_trainer(cfg: RunConfig, parts: ModelParts, data: DataParts, ctx: RunCo
                              processing_class=parts.tokenizer, callbacks=callbacks)
     trainer.loss_guard = guard.check_loss
     trainer.fast_loss, trainer.max_pass_tokens = batching.fast_loss, batching.max_pass_tokens
+    trainer.saved_dtype = _frozen_dtype(parts.model)  # bf16 frozen weights: backward keeps bf16 activations too
     trainer.batching = batching
     return trainer
 

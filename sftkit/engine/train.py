@@ -137,20 +137,30 @@ class GuardedTrainer(Trainer):
     loss_guard = None
     fast_loss = False
     max_pass_tokens: int | None = None
+    saved_dtype: str | None = None  # what backward keeps is stored in this dtype (engine/precision.saved_in)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         from .fast import split_batch
 
         passes = split_batch(inputs, self.max_pass_tokens) if self.fast_loss else [inputs]
         if len(passes) == 1:
-            loss = super().training_step(model, inputs, num_items_in_batch)
+            loss = self._one_pass(model, inputs, num_items_in_batch)
         else:
             if num_items_in_batch is None:  # each pass's loss is a share of the whole batch's mean
                 num_items_in_batch = int((inputs["labels"][:, 1:] != -100).sum())
-            loss = sum(super(GuardedTrainer, self).training_step(model, part, num_items_in_batch) for part in passes)
+            loss = sum(self._one_pass(model, part, num_items_in_batch) for part in passes)
         if self.loss_guard is not None:
             self.loss_guard(loss)
         return loss
+
+    def _one_pass(self, model, inputs, num_items_in_batch):
+        """Forward and backward of one pass, its saved activations in ``saved_dtype`` when set."""
+        if not self.saved_dtype:
+            return super().training_step(model, inputs, num_items_in_batch)
+        from .precision import saved_in
+
+        with saved_in(model, self.saved_dtype):
+            return super().training_step(model, inputs, num_items_in_batch)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not self.fast_loss or return_outputs or "labels" not in inputs:
