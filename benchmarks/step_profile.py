@@ -6,7 +6,7 @@
 2. packed (one sequence), sdpa under a block mask, the model's own loss (packing before this round)
 3. packed, attention per row (``sftkit.engine.fast.packed_attention``), the model's own loss
 4. packed, attention per row, the head and loss at trained positions only (sftkit's default path)
-5. as 4, in passes of at most 1024 tokens (the default ``training.max_pass_tokens``)
+5. as 4, in passes of at most 1024 tokens (``training.max_pass_tokens``)
 
 For 1, 2 and 4 the torch profiler splits the time into attention, the LM head + loss, and the rest.
 Default model, LoRA r=16 on all linear layers, fp32 on this machine's CPU. Prints a markdown table

@@ -63,7 +63,7 @@ def test_presets_top_n_and_settings(picker):
 
 def test_memory_counter_and_the_wont_fit_warning(tiny_llama_dir):
     model = sftkit.load_model(str(tiny_llama_dir)).model
-    p = LayerPicker(model, device_bytes=256 * 2**20, batch_size=4, seq_len=64)  # runs use passes of 1,024 tokens
+    p = LayerPicker(model, device_bytes=128 * 2**20, batch_size=4, seq_len=64)  # runs use passes of 512 tokens
     assert "MiB" in p.counters.value and not p.messages.value
     small = p.estimate.total
     p.batch_size.value = 256

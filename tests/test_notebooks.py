@@ -167,22 +167,35 @@ def test_peft_methods_notebook_runs_the_shootout_and_reads_the_table(workdir, mo
     monkeypatch.setenv("SFTKIT_NOTEBOOK_ITEMS", "8")
     monkeypatch.setenv("SFTKIT_NOTEBOOK_METHODS", "LoRA, IA3, prompt tuning,BitFit")  # one a family (all seven: the timings)
     nb = run_notebook("07_peft_methods.ipynb", workdir)
+
+    def stdout_of(marker: str) -> str:
+        [cell] = [c for c in nb.cells if c.cell_type == "code" and marker in c.source]
+        return "".join(o.get("text", "") for o in cell.outputs if o.get("name") == "stdout")
+
+    try:
+        check_peft_methods_notebook(nb, workdir, stdout_of)
+    except AssertionError as exc:  # say what the shoot-out and the attention cell printed
+        raise AssertionError(f"{exc}\n--- the shoot-out cell printed:\n{stdout_of('result.text()')}\n"
+                             f"--- the attention cell printed:\n{stdout_of('virtual_share()')}") from exc
+
+
+def check_peft_methods_notebook(nb, workdir, stdout_of):
     assert shows_a_widget(nb), "the ShootoutView did not display"
     text = outputs_text(nb)
     for name in ("LoRA", "DoRA", "IA3", "prompt tuning", "prefix tuning", "LLaMA-Adapter", "BitFit"):
         assert name in text, name
     assert "11,520" in text and "0.009%" in text  # a 20-token soft prompt on the default model
     # the soft prompt's attention share: 20 virtual tokens in front, a share strictly between 0 and 100%
-    [cell] = [c for c in nb.cells if c.cell_type == "code" and "virtual_share()" in c.source]
-    said = "".join(o.get("text", "") for o in cell.outputs if o.get("name") == "stdout")
-    got = re.search(r"20 virtual tokens in front of \d+ real tokens: they get (\d+\.\d)% of the real", said)
-    assert got and 0 < float(got.group(1)) < 100, cell.outputs
+    got = re.search(r"20 virtual tokens in front of \d+ real tokens: they get (\d+\.\d)% of the real",
+                    stdout_of("virtual_share()"))
+    assert got and 0 < float(got.group(1)) < 100, "no share of attention for the soft prompt"
     assert "score [95% CI]" in text and "best:" in text
     assert "refused: run" in text and "nothing to merge" in text and "exported:" in text and "merged:" in text
     assert "sftkit-shootout-table" in text  # the reopened view's table
     runs = [p for p in (workdir / "runs").iterdir() if (p / "config.yaml").is_file()]
-    assert len(runs) == 4 and all((p / "status.json").is_file() for p in runs)
-    assert re.search(r"^BitFit .*\[", text, re.M) and not re.search(r"^DoRA .*\[", text, re.M)  # the four in the table
+    assert len(runs) == 4 and all((p / "status.json").is_file() for p in runs), runs
+    table = stdout_of("result.text()")
+    assert re.search(r"^BitFit .*\[", table, re.M) and not re.search(r"^DoRA .*\[", table, re.M)  # the four
     assert len(list((workdir / "runs" / "shootouts").glob("*.json"))) == 1
     assert (workdir / "exports" / "prompt-adapter" / "adapter_config.json").is_file()
     assert list((workdir / "exports" / "ia3-merged").glob("*.safetensors"))

@@ -208,7 +208,7 @@ class TrainingConfig:
                            label="packing (no padding)",
                            help="each batch as one padding-free sequence, rows kept apart (auto: on when padding would be "
                                 "more than 15% of a padded batch of these rows)")
-    max_pass_tokens: int | None = setting(1024, allowed=Int(16, null="the whole batch in one pass"), widget="int",
+    max_pass_tokens: int | None = setting(512, allowed=Int(16, null="the whole batch in one pass"), widget="int",
                                           label="tokens per pass",
                                           help="a batch runs as passes of whole rows of at most this many tokens: the "
                                                "same gradient, the memory of one pass (more passes: a little slower)")
