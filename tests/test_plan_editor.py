@@ -239,8 +239,9 @@ def test_frozen_weights_in_bf16_halve_the_frozen_part_of_the_estimate_only():
     assert mixed.estimate.weights == total * 2 + lora * 4  # the base in bf16, the adapters fp32
     assert (mixed.estimate.gradients, mixed.estimate.optimizer) == (fp32.estimate.gradients, fp32.estimate.optimizer)
     assert any("frozen weights stored in bfloat16" in n for n in mixed.estimate.notes)
-    # weights trained in place (the top block) stay fp32
+    # a plan that trains weights in place saves the whole model: its runs stay fp32, and so does the estimate
     top = FreezePlan.preset("freeze_tuning", a, top_n=1)
-    in_place = PlanEditor(a, top, frozen="bfloat16")
-    trained = in_place.trainable
-    assert in_place.estimate.weights == (total - trained) * 2 + trained * 4
+    assert PlanEditor(a, top, frozen="bfloat16").estimate == PlanEditor(a, top).estimate
+    assert PlanEditor(a, weights="4bit", frozen="bfloat16").frozen is None  # k-bit weights are not stored apart
+    with pytest.raises(ValueError, match="frozen='<b>'"):
+        PlanEditor(a, frozen="<b>")

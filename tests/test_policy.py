@@ -82,18 +82,21 @@ def test_cpu_with_native_bf16_trains_frozen_weights_in_bf16_and_says_why():
     assert (plan.dtype, plan.compute_dtype, plan.frozen_dtype) == ("float32", "float32", "bfloat16")
     text = plan.describe()
     assert "frozen weights' matmuls in bfloat16" in text and "AVX512-BF16/AMX" in text
-    assert "dtype='float32' keeps every weight in fp32" in text
+    assert "dtype='float32' keeps everything in fp32" in text
 
 
 def test_frozen_bf16_only_where_it_is_native_and_not_asked_otherwise():
     assert decide_load_plan(CPU).frozen_dtype is None  # no native bf16: all fp32, and the text says why
     assert "no native bf16" in decide_load_plan(CPU).describe()
     assert decide_load_plan(CPU_BF16, dtype="float32").frozen_dtype is None  # asked for fp32 everywhere
-    assert decide_load_plan(CPU_BF16, quantization="4bit").frozen_dtype is None  # 4-bit weights are not bf16
+    kbit = decide_load_plan(CPU_BF16, quantization="4bit")
+    assert kbit.frozen_dtype is None and "no native bf16" not in kbit.describe()  # 4-bit: not bf16, and why
     assert decide_load_plan(H100).frozen_dtype is None and decide_load_plan(H100, quantization="none").frozen_dtype is None
-    plan = decide_load_plan(CPU_BF16, dtype="bfloat16")  # native: no slowness warning
-    assert plan.dtype == "bfloat16" and not plan.warnings
-    assert decide_load_plan(CPU, dtype="bfloat16").warnings  # not native: warned
+    all_bf16 = decide_load_plan(CPU_BF16, dtype="bfloat16")  # native, but every weight in bf16: warned why
+    assert all_bf16.dtype == "bfloat16" and any("rounded away" in w for w in all_bf16.warnings)
+    assert any("many times slower" in w for w in decide_load_plan(CPU, dtype="bfloat16").warnings)
+    # no CPU here has fast fp16 matmuls, bf16 or not
+    assert any("no fast fp16" in w for w in decide_load_plan(CPU_BF16, dtype="float16").warnings)
 
 
 def test_native_bf16_is_read_from_the_cpu_flags():
@@ -103,3 +106,11 @@ def test_native_bf16_is_read_from_the_cpu_flags():
     assert cpu_has_native_bf16("flags\t: fpu amx_bf16 amx_tile\n")
     assert not cpu_has_native_bf16("flags\t: fpu sse2 avx2 avx512f\nbugs\t: avx512_bf16\n")  # flags line only
     assert not cpu_has_native_bf16("Features\t: fp asimd\n")
+
+
+def test_the_probe_also_asks_torch_whether_its_bf16_kernels_run_here(monkeypatch):
+    from sftkit.engine import hardware
+
+    monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda cpuinfo=None: True)
+    monkeypatch.setattr(hardware, "onednn_bf16", lambda: False)  # e.g. ONEDNN_MAX_CPU_ISA=AVX2
+    assert hardware.probe_hardware().cpu_bf16 is False

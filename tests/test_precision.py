@@ -139,3 +139,81 @@ def test_one_copy_per_saved_tensor_and_parameters_never_copied(lora_pair):
     with keep:
         pass
     assert keep._copies == {}  # nothing outlives the pass
+
+
+def test_a_real_forward_copies_a_tensor_saved_by_several_operations_once(lora_pair):
+    """In a Llama block the q, k and v adapters (and gate/up) read the same norm output: one bf16 copy."""
+    from sftkit.engine.precision import _Packed, saved_in
+
+    model = copy.deepcopy(lora_pair)
+    store_frozen_in(model)
+    keep = saved_in(model)
+    calls, copies = [], set()
+    pack = keep.pack
+
+    def counting(tensor):
+        out = pack(tensor)
+        if isinstance(out, _Packed):
+            calls.append(id(out))
+            copies.add(id(out))
+        return out
+
+    keep.pack = counting
+    keep.hooks = torch.autograd.graph.saved_tensors_hooks(counting, __import__(
+        "sftkit.engine.precision", fromlist=["unpack"]).unpack)
+    with keep:
+        loss = model(**_batch()).loss
+    loss.backward()
+    assert len(calls) > len(copies) > 0, (len(calls), len(copies))
+
+
+def test_training_with_bf16_activations_follows_the_fp32_curve(lora_pair):
+    from sftkit.engine.precision import saved_in
+
+    curves = {}
+    for kind in ("fp32", "run"):
+        model = copy.deepcopy(lora_pair)
+        if kind == "run":
+            store_frozen_in(model)
+        torch.manual_seed(1)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        losses = []
+        for step in range(8):
+            if kind == "run":
+                with saved_in(model):
+                    loss = model(**_batch(seed=step % 2)).loss
+                    loss.backward()
+            else:
+                loss = model(**_batch(seed=step % 2)).loss
+                loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        curves[kind] = losses
+    for a, b in zip(curves["run"], curves["fp32"]):
+        assert a == pytest.approx(b, rel=1e-3), curves
+    assert curves["run"][0] - curves["run"][-1] > 0.05
+
+
+def test_a_run_that_saves_the_whole_model_stays_fp32_on_a_bf16_cpu(tiny_llama_dir, tmp_path, monkeypatch):
+    """Freeze tuning saves the model: its frozen weights must leave the run as they came in."""
+    from safetensors import safe_open
+
+    from sftkit.engine import hardware
+    from sftkit.engine.train import run_training
+
+    from helpers import tiny_config
+
+    monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda cpuinfo=None: True)
+    monkeypatch.setattr(hardware, "onednn_bf16", lambda: True)
+    cfg = tiny_config(tiny_llama_dir, tmp_path / "runs", max_steps=2, eval_every=0, sample_every=0).with_changes(
+        adapter={"preset": "freeze_tuning", "top_n": 1})
+    result = run_training(cfg)
+    assert result.state == "finished", result.message
+    started = next(e for e in result.run.events() if e["event"] == "started")
+    assert started["frozen_dtype"] is None
+    files = list((result.run.path / "model").glob("*.safetensors"))
+    assert files
+    for f in files:
+        with safe_open(str(f), "pt") as st:
+            assert {st.get_slice(k).get_dtype() for k in st.keys()} == {"F32"}

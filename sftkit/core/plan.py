@@ -406,6 +406,8 @@ class FreezePlan:
         keys and values, not rows; LLaMA-Adapter's backward stops at its lowest adapted block.
         """
         r = self.resolve(anatomy)
+        if self.method != "lora":  # runs keep plans that save the whole model in fp32 (engine/precision.py)
+            frozen = None
         lowest = self.lowest_trained_block(anatomy)
         active = max(1, anatomy.n_blocks - lowest)
         if self.family in PROMPT_LEARNING:  # full logits, one pass: what their runs do (recipes.choose_batching)

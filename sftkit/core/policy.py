@@ -144,18 +144,27 @@ def decide_load_plan(
             if facts.cpu_bf16 and quantization in ("auto", "none"):
                 frozen_dtype = "bfloat16"
                 reasons.append(
-                    "fp32 compute, with the frozen weights stored in bf16 when training: this CPU has native "
-                    "bf16 matmuls (AVX512-BF16/AMX), about twice as fast as fp32, and the frozen weights take "
-                    "half the memory; adapters, trained weights, activations and the loss stay fp32. "
-                    "dtype='float32' keeps every weight in fp32.")
+                    "fp32 compute, with the frozen weights stored in bf16 when an adapter trains: this CPU has "
+                    "native bf16 matmuls (AVX512-BF16/AMX), about twice as fast as fp32, and the frozen weights "
+                    "take half the memory; the adapters, the residual stream and the loss stay fp32, and backward "
+                    "keeps bf16 copies of the activations. dtype='float32' keeps everything in fp32.")
+            elif facts.cpu_bf16:
+                reasons.append("fp32 compute for the non-quantized weights: with k-bit weights the frozen "
+                               "weights are not stored in bf16.")
             else:
                 reasons.append("fp32 compute: this CPU has no native bf16 matmuls (AVX512-BF16/AMX), and "
                                "without them bf16/fp16 matmuls are many times slower than fp32.")
-    elif device == "cpu" and dtype != "float32" and not facts.cpu_bf16:
+    elif device == "cpu" and dtype == "float16":
         warnings.append(
-            f"dtype={dtype} on CPU: this CPU has no native bf16 matmuls (AVX512-BF16/AMX), so half-precision "
-            "matmuls run many times slower than fp32; use dtype='auto' unless memory forces it."
-        )
+            "dtype=float16 on CPU: CPUs have no fast fp16 matmuls, so they run many times slower than fp32; "
+            "use dtype='auto' unless memory forces it.")
+    elif device == "cpu" and dtype == "bfloat16":
+        warnings.append(
+            "dtype=bfloat16 on CPU: " + (
+                "every weight and activation in bf16, the adapters' small first changes are partly rounded away "
+                "(dtype='auto' keeps only the frozen weights in bf16)" if facts.cpu_bf16 else
+                "this CPU has no native bf16 matmuls (AVX512-BF16/AMX), so they run many times slower than fp32")
+            + "; use dtype='auto' unless memory forces it.")
     elif device == "cuda" and dtype == "bfloat16" and not facts.cuda_bf16:
         raise ConfigError(
             f"dtype='bfloat16' was asked for but this GPU ({facts.cuda_name}) has no bf16 "

@@ -197,7 +197,10 @@ def trained_positions_loss(model, inputs: dict, num_items_in_batch=None):
     rest = {k: v for k, v in inputs.items() if k != "labels"}
     outputs = model(**rest, logits_to_keep=keep)
     logits = outputs.logits.float().reshape(-1, outputs.logits.shape[-1])
-    loss = torch.nn.functional.cross_entropy(logits, target.to(logits.device), reduction="sum")
+    from .precision import kept_as_is
+
+    with kept_as_is():  # the loss's saved log-softmax stays fp32 where a run keeps bf16 activations
+        loss = torch.nn.functional.cross_entropy(logits, target.to(logits.device), reduction="sum")
     if num_items_in_batch is None:
         return loss / max(int(target.numel()), 1)
     if torch.is_tensor(num_items_in_batch):

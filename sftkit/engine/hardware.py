@@ -100,6 +100,16 @@ def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
     return False
 
 
+def onednn_bf16() -> bool:
+    """Whether torch's oneDNN runs bf16 on this CPU (False when a build or ``ONEDNN_MAX_CPU_ISA`` rules it out)."""
+    try:
+        import torch
+
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:  # noqa: BLE001 - an op this torch build lacks: no fast bf16 path
+        return False
+
+
 def probe_hardware() -> HardwareFacts:
     import torch
 
@@ -121,5 +131,5 @@ def probe_hardware() -> HardwareFacts:
         bnb_problem=problem,
         cpu_count=os.cpu_count() or 1,
         ram_total_bytes=ram_total_bytes(),
-        cpu_bf16=cpu_has_native_bf16(),
+        cpu_bf16=cpu_has_native_bf16() and onednn_bf16(),
     )

@@ -88,13 +88,17 @@ def build_model(cfg: RunConfig, setting: Setting) -> ModelParts:
     if cfg.training.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
     check_trainable(model, plan, anatomy)
-    store_frozen(model, setting)
+    store_frozen(model, setting, plan)
     return ModelParts(model, tokenizer, anatomy, plan)
 
 
-def store_frozen(model, setting: Setting) -> int:
-    """The setting's frozen-weight dtype applied once the plan has set what trains (engine/precision.py)."""
+def store_frozen(model, setting: Setting, plan=None) -> int:
+    """The setting's frozen-weight dtype applied once the plan has set what trains (engine/precision.py).
+    Only for adapter plans: a plan that trains weights in place saves the whole model, whose frozen
+    weights must leave the run as they came in (fp32), so those runs stay fp32."""
     if not setting.frozen_dtype or setting.frozen_dtype == setting.dtype or setting.quantized:
+        return 0
+    if plan is not None and plan.method != "lora":
         return 0
     from .precision import store_frozen_in
 

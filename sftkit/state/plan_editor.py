@@ -54,7 +54,9 @@ class PlanEditor(Observable):
                  frozen: str | None = None):
         self.anatomy = anatomy
         self.weights = weights
-        self.frozen = frozen if frozen != weights else None
+        if frozen not in (None, "float32", "bfloat16", "float16"):
+            raise ValueError(f"frozen={frozen!r}; allowed: None, float32, bfloat16, float16")
+        self.frozen = frozen if weights == "float32" and frozen != weights else None
         self.device_bytes = device_bytes
         self.device_name = device_name
         self.batch_size, self.seq_len, self.gradient_checkpointing = batch_size, seq_len, gradient_checkpointing

@@ -227,7 +227,7 @@ class LayerPicker:
         error, est = ed.error, ed.estimate
         words = ed.virtual_tokens_text()
         self.tokens.value = "" if words is None else _tokens_html(ed.plan.virtual_tokens, words)
-        frozen = f" (frozen ones in {ed.frozen} when training)" if ed.frozen else ""
+        frozen = f" (frozen ones in {html.escape(ed.frozen)} when an adapter trains)" if ed.frozen else ""
         self.counters.value = "" if est is None else (
             f'<div class="sftkit-counters"><b>{ed.trainable:,}</b> trainable parameters: '
             f'<b>{_percent(ed.trainable_percent)}</b> of the model ({ed.total_params:,}) trains &middot; '
