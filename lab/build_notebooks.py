@@ -66,14 +66,13 @@ NOTEBOOKS["00_quickstart.ipynb"] = [
        "4. what the fine-tune changed inside: base vs adapter attention on one prompt;\n"
        "5. the verdict: prompt vs fine-tune on the same fresh items, with a 95% confidence interval.\n\n"
        "Run the cells from top to bottom with **Shift+Enter** (or *Run > Run All Cells*)."),
-    code("import os\n\n"
-         "import sftkit\n"
+    code("import sftkit\n"
          "from sftkit import split_rows\n"
          "from sftkit.ui import AttentionView, CompareView, LayerPicker, PromptBuilder, RunLauncher\n\n"
-         "# workshop leaders: SFTKIT_NOTEBOOK_STEPS / SFTKIT_NOTEBOOK_ITEMS shorten the run and the comparison\n"
+         "# workshop leaders: SFTKIT_NOTEBOOK_FAST=1 runs every notebook in minutes (3 steps, 8 items)\n"
          "config = sftkit.example_config()\n"
-         'steps = int(os.environ.get("SFTKIT_NOTEBOOK_STEPS", config.training.max_steps))\n'
-         'n_items = int(os.environ.get("SFTKIT_NOTEBOOK_ITEMS", 60))\n'
+         'steps = sftkit.notebook_knob("steps", config.training.max_steps, fast=3)\n'
+         'n_items = sftkit.notebook_knob("items", 60, fast=8)\n'
          'model, tokenizer = sftkit.load_model("default")\n'
          'task = sftkit.teaching_task("dates")\n'
          "print(task.description)"),
@@ -321,12 +320,11 @@ NOTEBOOKS["04_training.ipynb"] = [
        "about a minute on a laptop CPU. To use your own pieces, pass them in: "
        "`RunLauncher(config, template=builder.template, plan=picker.plan, anatomy=picker.anatomy, "
        "data=rows)`. The main knobs are editable in the widget; the accordion shows the whole config."),
-    code("import os\n"
-         "import sftkit\n"
+    code("import sftkit\n"
          "from sftkit.ui import RunLauncher, RunHistory\n\n"
          "config = sftkit.example_config()\n"
-         "# workshop leaders: SFTKIT_NOTEBOOK_STEPS shortens the run (the tests use 4)\n"
-         'steps = int(os.environ.get("SFTKIT_NOTEBOOK_STEPS", config.training.max_steps))\n'
+         "# workshop leaders: SFTKIT_NOTEBOOK_FAST=1 (or SFTKIT_NOTEBOOK_STEPS=N) shortens the run\n"
+         'steps = sftkit.notebook_knob("steps", config.training.max_steps, fast=3)\n'
          "config = config.with_changes(training={\n"
          '    "max_steps": steps, "eval_every": max(steps // 2, 1),\n'
          '    "checkpoint_every": max(steps // 2, 1), "sample_every": max(steps // 2, 1)})\n'
@@ -389,8 +387,7 @@ NOTEBOOKS["05_prompt_vs_finetune.ipynb"] = [
     md("## A fine-tuned run\n\n"
        "This reuses a finished *dates* run from notebook 4 if there is one in `runs/`; otherwise it "
        "trains the example config now (about a minute)."),
-    code("import os\n"
-         "import sftkit\n"
+    code("import sftkit\n"
          "from sftkit.ui import CompareView\n\n"
          "def finished_dates_run(store):\n"
          "    for run in reversed(store.runs()):\n"
@@ -399,7 +396,7 @@ NOTEBOOKS["05_prompt_vs_finetune.ipynb"] = [
          'run = finished_dates_run(sftkit.RunStore("runs"))\n'
          "if run is None:\n"
          "    config = sftkit.example_config()\n"
-         '    steps = int(os.environ.get("SFTKIT_NOTEBOOK_STEPS", config.training.max_steps))\n'
+         '    steps = sftkit.notebook_knob("steps", config.training.max_steps, fast=3)\n'
          '    config = config.with_changes(training={"max_steps": steps, "eval_every": 0, "sample_every": 0})\n'
          "    handle = sftkit.launch(config)\n"
          "    print(handle.wait())\n"
@@ -412,7 +409,7 @@ NOTEBOOKS["05_prompt_vs_finetune.ipynb"] = [
     code("split = sftkit.run_rows(run.config())\n"
          'task = sftkit.teaching_task("dates")\n'
          "seen = {r[\"text\"] for r in split.train}\n"
-         'n = int(os.environ.get("SFTKIT_NOTEBOOK_ITEMS", 60))\n'
+         'n = sftkit.notebook_knob("items", 60, fast=8)\n'
          "items = [r for r in task.rows(400, seed=12345) if r[\"text\"] not in seen][:n]\n"
          "model, tokenizer = sftkit.load_model(run.config().model.spec)\n"
          "variants = [\n"
@@ -465,8 +462,7 @@ NOTEBOOKS["06_feedback.ipynb"] = [
     md("## The SFT adapter\n\n"
        "This reuses a finished *dates* run from notebook 4 if `runs/` has one; otherwise it trains the "
        "example config now (about a minute)."),
-    code("import os\n"
-         "import sftkit\n"
+    code("import sftkit\n"
          "from sftkit.ui import CompareView, FeedbackCollector, RunLauncher\n\n"
          "def finished_dates_run(store):\n"
          "    for run in reversed(store.runs()):\n"
@@ -477,7 +473,7 @@ NOTEBOOKS["06_feedback.ipynb"] = [
          'sft_run = finished_dates_run(sftkit.RunStore("runs"))\n'
          "if sft_run is None:\n"
          "    config = sftkit.example_config()\n"
-         '    steps = int(os.environ.get("SFTKIT_NOTEBOOK_STEPS", config.training.max_steps))\n'
+         '    steps = sftkit.notebook_knob("steps", config.training.max_steps, fast=3)\n'
          '    config = config.with_changes(training={"max_steps": steps, "eval_every": 0, "sample_every": 0})\n'
          "    handle = sftkit.launch(config)\n"
          "    print(handle.wait())\n"
@@ -494,8 +490,8 @@ NOTEBOOKS["06_feedback.ipynb"] = [
          "split = sftkit.run_rows(sft_run.config())\n"
          'seen = {r["text"] for r in split.train}\n'
          'fresh = [r for r in task.rows(2000, seed=606) if r["text"] not in seen]\n'
-         'n_prompts = int(os.environ.get("SFTKIT_NOTEBOOK_PROMPTS", 160))\n'
-         'n_items = int(os.environ.get("SFTKIT_NOTEBOOK_ITEMS", 60))\n'
+         'n_prompts = sftkit.notebook_knob("prompts", 160, fast=24)\n'
+         'n_items = sftkit.notebook_knob("items", 60, fast=8)\n'
          "prompts, items = fresh[:n_prompts], fresh[n_prompts:n_prompts + n_items]  # items: never rated\n"
          "model, tokenizer = sftkit.load_trained(sft_run)\n"
          "collector = FeedbackCollector(model, tokenizer, split.template, prompts, store=\"runs\", name=\"dates\",\n"
@@ -534,7 +530,7 @@ NOTEBOOKS["06_feedback.ipynb"] = [
        "pairs are never trained on. The last panel of the curves shows the preference accuracy (the share "
        "of pairs whose chosen answer gained more than the rejected one) on training and held-out pairs."),
     code('data = collector.session.store.save_rows("exports/dates-pairs.jsonl", "dpo")\n'
-         'steps = int(os.environ.get("SFTKIT_NOTEBOOK_STEPS", 16))\n'
+         'steps = sftkit.notebook_knob("steps", 16, fast=3)\n'
          "config = sftkit.RunConfig.from_dict({\n"
          '    "name": "dates-dpo", "store": "runs", "objective": "dpo", "model": {"spec": "default"},\n'
          '    "data": {"source": str(data), "eval_fraction": 0.25, "max_eval_rows": 200, "sample_prompts": 2},\n'
@@ -594,14 +590,13 @@ NOTEBOOKS["07_peft_methods.ipynb"] = [
        "block's attention), **LoRA** (a low-rank update beside each weight; DoRA learns its magnitude too) and "
        "**BitFit** (only the biases and norms). This notebook trains each on the same task with the same rows, "
        "steps and seed, and reads the table: what each trains, what it costs, how well it does. About 15 "
-       "minutes on a laptop CPU (a couple with `SFTKIT_NOTEBOOK_STEPS=3`)."),
+       "minutes on a laptop CPU (a couple with `SFTKIT_NOTEBOOK_FAST=1`)."),
     md("## What each method trains\n\n"
        "Every method is a run-config preset (`adapter.preset`) with its own knobs (`virtual_tokens`, `use_dora`, "
        "`rslora`, `prompt_init`, ...). The counts are exact: a run refuses to start if the parameters with "
        "`requires_grad` differ from them. The memory estimate is per method (a soft prompt makes every row longer; "
        "DoRA keeps more for backward)."),
-    code("import os\n"
-         "import sftkit\n"
+    code("import sftkit\n"
          "from sftkit.ui import ShootoutView\n\n"
          'model, tokenizer = sftkit.load_model("default")\n'
          "anatomy = sftkit.inspect_model(model)\n"
@@ -624,11 +619,11 @@ NOTEBOOKS["07_peft_methods.ipynb"] = [
        "one comparison scores every run on the same held-out items: the task score with a 95% interval, the paired "
        "test against the best method, and forgetting (how far each moved from the base model on general text). "
        "**Stop** ends the run in progress and starts no other."),
-    code('steps = int(os.environ.get("SFTKIT_NOTEBOOK_STEPS", 60))\n'
-         'items = int(os.environ.get("SFTKIT_NOTEBOOK_ITEMS", 40))\n'
-         "# workshop leaders: SFTKIT_NOTEBOOK_METHODS=\"LoRA,IA3,prompt tuning,BitFit\" trains fewer methods (one a family)\n"
-         'chosen = os.environ.get("SFTKIT_NOTEBOOK_METHODS")\n'
-         "methods = [name.strip() for name in chosen.split(\",\")] if chosen else list(sftkit.PEFT_METHODS)\n"
+    code("# workshop leaders: SFTKIT_NOTEBOOK_FAST=1 trains one method a family for 3 steps and scores 8 items\n"
+         'steps = sftkit.notebook_knob("steps", 60, fast=3)\n'
+         'items = sftkit.notebook_knob("items", 40, fast=8)\n'
+         'chosen = sftkit.notebook_knob("methods", ",".join(sftkit.PEFT_METHODS), fast="LoRA,IA3,prompt tuning,BitFit")\n'
+         'methods = [name.strip() for name in chosen.split(",")]\n'
          "budget = sftkit.Budget(steps=steps, batch_size=8, rows=400, eval_items=items, seed=0)\n"
          'view = ShootoutView(task="dates", methods=methods, budget=budget, store="runs")\n'
          "view.start()\n"

@@ -11,8 +11,8 @@ time is wall-clock from kernel start to the last cell's end.
 
 The full profile (the notebooks as committed) is written to lab/timings.json, keyed by notebook and
 device (cpu / gpu); the notebooks' headers (lab/build_notebooks.py) and the table in lab/README.md are
-then regenerated from it. ``--fast`` (SFTKIT_NOTEBOOK_STEPS=3, SFTKIT_NOTEBOOK_ITEMS=8, PROMPTS=24, METHODS=four:
-what CI runs) is written under "fast" and shown in its own column.
+then regenerated from it. ``--fast`` (SFTKIT_NOTEBOOK_FAST=1: 3 steps, 8 items, 24 prompts, one PEFT method a family, as
+``sftkit.notebook_knob`` reads it) is written under "fast" and shown in its own column.
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ NOTEBOOKS = ROOT / "notebooks"
 TIMINGS = LAB / "timings.json"
 README = LAB / "README.md"
 START, END = "<!-- timings:start (lab/time_notebooks.py writes this table) -->", "<!-- timings:end -->"
-FAST_ENV = {"SFTKIT_NOTEBOOK_STEPS": "3", "SFTKIT_NOTEBOOK_ITEMS": "8", "SFTKIT_NOTEBOOK_PROMPTS": "24",
-            "SFTKIT_NOTEBOOK_METHODS": "LoRA,IA3,prompt tuning,BitFit"}
-PROFILE_ENV = tuple(FAST_ENV)
+FAST_ENV = {"SFTKIT_NOTEBOOK_FAST": "1"}  # every knob at its fast value (sftkit.notebook_knob)
+PROFILE_ENV = ("SFTKIT_NOTEBOOK_FAST", "SFTKIT_NOTEBOOK_STEPS", "SFTKIT_NOTEBOOK_ITEMS", "SFTKIT_NOTEBOOK_PROMPTS",
+               "SFTKIT_NOTEBOOK_METHODS")
 
 
 def workshop_order() -> list[str]:

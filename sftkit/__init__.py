@@ -60,6 +60,8 @@ _LAZY = {
     "capture_row": ("sftkit.engine.attention", "capture_row"),
     "adapter_diff": ("sftkit.engine.attention", "adapter_diff"),
     "diff_captures": ("sftkit.engine.attention", "diff_captures"),
+    # the notebooks' workshop knobs (SFTKIT_NOTEBOOK_FAST=1: every notebook in its fast profile)
+    "notebook_knob": ("sftkit.core.knobs", "notebook_knob"),
     # the base of every error sftkit raises on purpose
     "SftkitError": ("sftkit.core.errors", "SftkitError"),
 }

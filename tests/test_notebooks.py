@@ -163,9 +163,7 @@ def test_feedback_notebook_labels_rates_trains_dpo_and_compares(workdir, monkeyp
                    "the whole file, passed 4 times alone or after notebook 06; which assertion fails is not yet known; "
                    "the PEFT issue stays open until it is found")
 def test_peft_methods_notebook_runs_the_shootout_and_reads_the_table(workdir, monkeypatch):
-    monkeypatch.setenv("SFTKIT_NOTEBOOK_STEPS", "3")
-    monkeypatch.setenv("SFTKIT_NOTEBOOK_ITEMS", "8")
-    monkeypatch.setenv("SFTKIT_NOTEBOOK_METHODS", "LoRA, IA3, prompt tuning,BitFit")  # one a family (all seven: the timings)
+    monkeypatch.setenv("SFTKIT_NOTEBOOK_FAST", "1")  # 3 steps, 8 items, one method a family (all seven: the timings)
     nb = run_notebook("07_peft_methods.ipynb", workdir)
 
     def stdout_of(marker: str) -> str:
@@ -203,8 +201,7 @@ def check_peft_methods_notebook(nb, workdir, stdout_of):
 
 @pytest.mark.slow
 def test_quickstart_runs_the_whole_loop_and_ends_with_the_verdict(workdir, monkeypatch):
-    monkeypatch.setenv("SFTKIT_NOTEBOOK_STEPS", "3")
-    monkeypatch.setenv("SFTKIT_NOTEBOOK_ITEMS", "8")
+    monkeypatch.setenv("SFTKIT_NOTEBOOK_FAST", "1")  # the one variable of the fast profile: 3 steps, 8 items
     nb = run_notebook("00_quickstart.ipynb", workdir)
     shown = {c.source.splitlines()[-1] for c in nb.cells if c.cell_type == "code" and any(
         "application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in c.get("outputs", []))}
