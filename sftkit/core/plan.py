@@ -399,8 +399,8 @@ class FreezePlan:
         What each method keeps for backward, measured on SmolLM2-135M with saved-tensor hooks
         (``tests/test_peft_methods.py`` checks it): LoRA keeps each adapted projection's input; IA3
         the scaled outputs (the inputs of the down-projections it scales); DoRA also keeps two
-        outputs per token and module, plus, per module, the identity matrix it multiplies through
-        the adapter to get its weight (in x in values, whatever the batch). Prompt methods train no
+        outputs per token and module (the identity matrix it multiplies through the adapter to get
+        its weight norm belongs to a graph it detaches: nothing of it is kept). Prompt methods train no
         projection: a block keeps about 9*h + 2*i values per token; prompt tuning and p-tuning make
         every row ``virtual_tokens`` longer (logits included); prefix tuning and LLaMA-Adapter add
         keys and values, not rows; LLaMA-Adapter's backward stops at its lowest adapted block.
@@ -431,13 +431,6 @@ class FreezePlan:
             for n in self.train_params)
         est = estimate_memory(anatomy.numbers(), seq_len=seq_len, lora_input_features=kept // active,
                               adapters=self.method == "lora", projections_trained=projections, **common)
-        if self.family == "lora" and self.use_dora and adapted:
-            act_bytes = 2 if weights in ("bfloat16", "float16") else 4
-            per_module = [(li.in_features * li.in_features + li.in_features * self.rank) * act_bytes for li in adapted]
-            if gradient_checkpointing:  # rebuilt one block at a time
-                est = replace(est, recompute=est.recompute + sum(per_module) // active)
-            else:
-                est = replace(est, activations=est.activations + sum(per_module))
         return est
 
     def lowest_trained_block(self, anatomy: Anatomy) -> int:

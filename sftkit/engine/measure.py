@@ -19,16 +19,20 @@ def measure_training_step(model, batch_size: int, seq_len: int, *, vocab_limit: 
     """Run forward, backward and one AdamW step on random token ids and count tensor bytes.
 
     Activations are what autograd keeps for backward (saved-tensor hooks), each storage
-    counted once and parameters left out: the quantity an activation estimate predicts.
+    counted once and parameters left out, and only what is still kept when the forward ends (a graph
+    built and dropped inside the forward, as DoRA's detached weight norm, keeps nothing): the quantity an
+    activation estimate predicts.
     trained_per_row: only the last this-many tokens of each row train, and the loss is sftkit's
     (the head at trained positions only); None: every token trains, the model's own loss.
     saved_dtype: backward's activations kept in this dtype as a run does (``precision.saved_in``); the
     bytes counted are the kept copies.
     """
+    import weakref
+
     import torch
 
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: dict = {}
+    saved: list = []  # (a weak reference to what autograd holds, its storage's address and size)
 
     from .precision import saved_in, unpack
 
@@ -38,7 +42,7 @@ def measure_training_step(model, batch_size: int, seq_len: int, *, vocab_limit: 
         kept = keep.pack(t) if keep is not None else t
         st = (kept if torch.is_tensor(kept) else kept.tensor).untyped_storage()
         if st.data_ptr() not in params:
-            saved[(st.data_ptr(), st.nbytes())] = st.nbytes()
+            saved.append((weakref.ref(kept), st.data_ptr(), st.nbytes()))
         return kept
 
     vocab = vocab_limit or model.get_input_embeddings().num_embeddings
@@ -54,6 +58,7 @@ def measure_training_step(model, batch_size: int, seq_len: int, *, vocab_limit: 
             labels = ids.clone()
             labels[:, : max(seq_len - trained_per_row, 0)] = -100
             loss = trained_positions_loss(model, {"input_ids": ids, "labels": labels, "use_cache": False})
+    kept_now = {(ptr, nbytes) for ref, ptr, nbytes in saved if ref() is not None}  # still held for backward
     loss.backward()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     opt.step()
@@ -62,4 +67,4 @@ def measure_training_step(model, batch_size: int, seq_len: int, *, vocab_limit: 
     states = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
                  if torch.is_tensor(t) and t.dim() > 0)
     opt.zero_grad(set_to_none=True)
-    return MeasuredMemory(weights, grads, states, sum(saved.values()))
+    return MeasuredMemory(weights, grads, states, sum(nbytes for _, nbytes in kept_now))
