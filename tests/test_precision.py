@@ -198,3 +198,24 @@ def test_a_run_that_saves_the_whole_model_stays_fp32_on_a_bf16_cpu(tiny_llama_di
     for f in files:
         with safe_open(str(f), "pt") as st:
             assert {st.get_slice(k).get_dtype() for k in st.keys()} == {"F32"}
+
+
+def test_gpt2s_conv1d_projections_are_stored_in_bf16_too(tmp_path, default_model_folder):
+    """GPT-2's block projections are transformers' Conv1D, not nn.Linear: they are frozen matmuls as well."""
+    from helpers import make_tiny_model
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    folder = make_tiny_model(tmp_path / "gpt2", "gpt2", default_model_folder)
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True, lora_dropout=0.0))
+    fp32 = copy.deepcopy(model)
+    store_frozen_in(model)
+    convs = [m for m in model.modules() if isinstance(m, Conv1D)]
+    assert convs and all(m.weight.dtype == torch.bfloat16 for m in convs)
+    batch = _batch()
+    out, ref = model(**batch), fp32(**batch)
+    assert out.logits.dtype == torch.float32
+    assert out.loss.item() == pytest.approx(ref.loss.item(), rel=1e-2)
