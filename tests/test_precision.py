@@ -202,10 +202,11 @@ def test_a_run_that_saves_the_whole_model_stays_fp32_on_a_bf16_cpu(tiny_llama_di
 
 def test_gpt2s_conv1d_projections_are_stored_in_bf16_too(tmp_path, default_model_folder):
     """GPT-2's block projections are transformers' Conv1D, not nn.Linear: they are frozen matmuls as well."""
-    from helpers import make_tiny_model
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
+
+    from helpers import make_tiny_model
 
     folder = make_tiny_model(tmp_path / "gpt2", "gpt2", default_model_folder)
     torch.manual_seed(0)
