@@ -24,6 +24,7 @@ from ..core.rundata import RowReport, RunRows, render_rows
 from ..core.runproto import RunState
 from ..core.runstore import RunFolder, RunStateError, RunWriter
 from .callbacks import RunContext, generate_samples, run_callbacks
+from .precision import frozen_dtype_of
 
 
 @dataclass(frozen=True)
@@ -191,15 +192,9 @@ def build_trainer(cfg: RunConfig, parts: ModelParts, data: DataParts, ctx: RunCo
                              processing_class=parts.tokenizer, callbacks=callbacks)
     trainer.loss_guard = guard.check_loss
     trainer.fast_loss, trainer.max_pass_tokens = batching.fast_loss, batching.max_pass_tokens
-    trainer.saved_dtype = _frozen_dtype(parts.model)  # bf16 frozen weights: backward keeps bf16 activations too
+    trainer.saved_dtype = frozen_dtype_of(parts.model)  # bf16 frozen weights: backward keeps bf16 activations too
     trainer.batching = batching
     return trainer
-
-
-def _frozen_dtype(model) -> str | None:
-    from .precision import frozen_dtype_of
-
-    return frozen_dtype_of(model)
 
 
 def begin(ctx: RunContext, parts: ModelParts, data: DataParts, *, resume: bool, process_started: float):
@@ -218,7 +213,7 @@ def begin(ctx: RunContext, parts: ModelParts, data: DataParts, *, resume: bool, 
     elif ctx.is_main:
         writer.event("started", pid=os.getpid(), world_size=ctx.world, device=ctx.device,
                      train_rows=len(data.train), eval_rows=len(data.eval or []), plan=parts.plan.label,
-                     trainable=parts.plan.trainable_params(parts.anatomy), frozen_dtype=_frozen_dtype(parts.model))
+                     trainable=parts.plan.trainable_params(parts.anatomy), frozen_dtype=frozen_dtype_of(parts.model))
     if ctx.is_main:
         for report in data.reports:
             if report.dropped:
