@@ -71,13 +71,21 @@ def private_cache(folder: Path) -> Path:
     return folder
 
 
-def run_one(name: str, workdir: Path, timeout: int) -> float:
+def run_one(name: str, workdir: Path, timeout: int, keep: Path | None = None) -> float:
+    """Seconds from kernel start to the last cell's end; with ``keep``, the executed notebook is written there
+    (also when a cell fails: the outputs up to that cell), so the tables it printed can be read afterwards."""
     import nbformat
     from nbclient import NotebookClient
 
     nb = nbformat.read(str(NOTEBOOKS / name), as_version=4)
     t0 = time.perf_counter()
-    NotebookClient(nb, timeout=timeout, kernel_name="sftkit", resources={"metadata": {"path": str(workdir)}}).execute()
+    try:
+        NotebookClient(nb, timeout=timeout, kernel_name="sftkit",
+                       resources={"metadata": {"path": str(workdir)}}).execute()
+    finally:
+        if keep is not None:
+            keep.mkdir(parents=True, exist_ok=True)
+            nbformat.write(nb, str(keep / name))
     return time.perf_counter() - t0
 
 
@@ -112,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("names", nargs="*", help="notebooks (e.g. 00_quickstart or 04_training.ipynb); default: all")
     ap.add_argument("--fast", action="store_true", help="the fast profile (the tests' environment variables)")
     ap.add_argument("--timeout", type=int, default=3600, help="seconds one cell may take (default 3600)")
+    ap.add_argument("--keep", type=Path, metavar="DIR",
+                    help="also write each executed notebook, with its outputs, into DIR (a folder outside the repository)")
     args = ap.parse_args(argv)
     names = []
     for n in args.names or order:
@@ -134,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         done = []
         for name in names:
             print(f"{name} ({key}) ...", flush=True)
-            seconds = run_one(name, workdir, args.timeout)
+            seconds = run_one(name, workdir, args.timeout, args.keep)
             print(f"{name}: {seconds:.0f} s", flush=True)
             timings.setdefault("notebooks", {}).setdefault(name, {})[key] = {
                 "seconds": round(seconds, 1), "date": dt.date.today().isoformat(), "machine": words,
