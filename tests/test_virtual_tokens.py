@@ -233,6 +233,36 @@ def test_attention_view_shows_the_virtual_share_only_when_there_are_virtual_toke
     assert "virtual" not in plain.summary.options and plain.virtual_line.value == ""
 
 
+@pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning"])
+def test_a_window_past_the_virtual_positions_keeps_them_as_the_first_columns(method, tiny_llama_dir):
+    """A long prompt's window (the view opens on its end) still shows where the attention to the soft
+    prompt goes: the virtual keys stay in front; the rows are the window's queries only."""
+    model, tok = method_model(tiny_llama_dir, method)
+    ids = rendered(tok).input_ids
+    cap = capture_attention(model, tok, input_ids=ids)
+    T = cap.n_tokens
+    view = AttentionView(cap, max_window=8)
+    lo, hi = view.window
+    assert (lo, hi) == (T - 8, T) and lo > N
+    ref = eager_attentions(model, ids)[0]  # the view opens on layer 0: [heads, queries, keys]
+    if ref.shape[1] < ref.shape[2]:  # a prefix queries nothing: its rows are empty in the capture
+        ref = np.concatenate([np.zeros((ref.shape[0], N, ref.shape[2]), np.float32), ref], axis=1)
+    keys = list(range(N)) + list(range(lo, hi))
+    np.testing.assert_allclose(np.asarray(view.heatmap.data[0].z), ref[0][lo:hi][:, keys], atol=2e-3)
+    xs, ys = list(view.heatmap.data[0].x), list(view.heatmap.data[0].y)
+    assert xs[:N] == [f"{i}: <v{i}>" for i in range(N)] and xs[N:] == ys and ys[0].startswith(f"{lo}: ")
+    view.query.value = T - 1
+    np.testing.assert_allclose(np.asarray(view.row_plot.data[0].y), ref[0][T - 1][keys], atol=2e-3)
+    assert f"the {N} virtual positions as the first columns" in view.info.value
+    # the mean over heads, and a window that starts inside the virtual positions adds nothing twice
+    view.head.value = "mean"
+    np.testing.assert_allclose(np.asarray(view.heatmap.data[0].z), ref.mean(0)[lo:hi][:, keys], atol=2e-3)
+    view.window_start.value = 2
+    assert [x.split(":")[0] for x in view.heatmap.data[0].x] == [str(i) for i in (0, 1, *range(2, 10))]
+    view.window_start.value = 0
+    assert "virtual positions as the first columns" not in view.info.value
+
+
 def test_prefix_view_starts_the_row_slider_at_the_first_real_token(tiny_llama_dir):
     model, tok = method_model(tiny_llama_dir, "prefix_tuning")
     view = AttentionView(capture_attention(model, tok, input_ids=rendered(tok).input_ids))

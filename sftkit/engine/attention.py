@@ -209,22 +209,34 @@ class AttentionCapture:
         except ValueError:
             raise KeyError(f"layer {layer} was not captured; captured: {self.layers}") from None
 
-    def head(self, layer: int, head: int | str, window: tuple[int, int] | None = None) -> np.ndarray:
-        """One head's map as float32 [rows, cols]; head may be an index, "mean" or "max"."""
+    def window_keys(self, window: tuple[int, int] | None = None) -> np.ndarray:
+        """The key positions a window's map shows: the window's own tokens, and in front of them the virtual
+        positions when the window has moved past them (a soft prompt's keys stay in sight in a long prompt)."""
+        lo, hi = window or (0, self.n_tokens)
+        front = np.arange(min(self.n_virtual, lo))
+        return np.concatenate([front, np.arange(lo, hi)])
+
+    def head(self, layer: int, head: int | str, window: tuple[int, int] | None = None, *,
+             keys: np.ndarray | None = None) -> np.ndarray:
+        """One head's map as float32 [rows, cols]; head may be an index, "mean" or "max". Rows are the
+        window's queries; columns the window's keys, or the positions ``keys`` (``window_keys``) names."""
         block = self.probs[self.layer_index(layer)]
         lo, hi = window or (0, self.n_tokens)
+        cols = slice(lo, hi) if keys is None else np.asarray(keys, dtype=np.intp)
         if head == "mean":
-            m = block[:, lo:hi, lo:hi].astype(np.float32).mean(axis=0)
+            m = block[:, lo:hi][:, :, cols].astype(np.float32).mean(axis=0)
         elif head == "max":
-            m = block[:, lo:hi, lo:hi].max(axis=0).astype(np.float32)
+            m = block[:, lo:hi][:, :, cols].max(axis=0).astype(np.float32)
         else:
-            m = block[int(head), lo:hi, lo:hi].astype(np.float32)
+            m = block[int(head), lo:hi][:, cols].astype(np.float32)
         return m
 
-    def row(self, layer: int, head: int | str, query: int, window: tuple[int, int] | None = None) -> np.ndarray:
-        """What token ``query`` attends to (one row of ``head``), over the window's keys."""
+    def row(self, layer: int, head: int | str, query: int, window: tuple[int, int] | None = None, *,
+            keys: np.ndarray | None = None) -> np.ndarray:
+        """What token ``query`` attends to (one row of ``head``), over the window's keys (or ``keys``)."""
         lo, hi = window or (0, self.n_tokens)
-        rows = self.probs[self.layer_index(layer)][:, query, lo:hi].astype(np.float32)
+        cols = slice(lo, hi) if keys is None else np.asarray(keys, dtype=np.intp)
+        rows = self.probs[self.layer_index(layer)][:, query, cols].astype(np.float32)
         if head == "mean":
             return rows.mean(axis=0)
         if head == "max":
@@ -469,21 +481,23 @@ class AttentionDiff:
     def has_virtual(self) -> bool:
         return self.full is not None
 
-    def head(self, layer: int, head: int | str, window: tuple[int, int] | None = None) -> np.ndarray:
+    def head(self, layer: int, head: int | str, window: tuple[int, int] | None = None, *,
+             keys: np.ndarray | None = None) -> np.ndarray:
         d = self.delta[self.after.layer_index(layer)]
         lo, hi = window or (0, d.shape[-1])
+        sl = d[:, lo:hi][:, :, slice(lo, hi) if keys is None else np.asarray(keys, dtype=np.intp)]
         if head == "mean":
-            return d[:, lo:hi, lo:hi].mean(axis=0)
+            return sl.mean(axis=0)
         if head == "max":  # the largest change by magnitude, with its sign
-            sl = d[:, lo:hi, lo:hi]
             idx = np.abs(sl).argmax(axis=0)
             return np.take_along_axis(sl, idx[None], axis=0)[0]
-        return d[int(head), lo:hi, lo:hi]
+        return sl[int(head)]
 
-    def row(self, layer: int, head: int | str, query: int, window: tuple[int, int] | None = None) -> np.ndarray:
+    def row(self, layer: int, head: int | str, query: int, window: tuple[int, int] | None = None, *,
+            keys: np.ndarray | None = None) -> np.ndarray:
         d = self.delta[self.after.layer_index(layer)]
         lo, hi = window or (0, d.shape[-1])
-        rows = d[:, query, lo:hi]
+        rows = d[:, query, slice(lo, hi) if keys is None else np.asarray(keys, dtype=np.intp)]
         if head == "mean":
             return rows.mean(axis=0)
         if head == "max":

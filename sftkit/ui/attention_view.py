@@ -161,10 +161,22 @@ class AttentionView:
             return self.data.summary(self.summary.value)
         return self.capture.summary(self.summary.value)
 
-    def shown_map(self) -> np.ndarray:
-        """The matrix the heatmap shows now (the window of the chosen layer and head)."""
+    @property
+    def keys(self) -> np.ndarray:
+        """The key positions (columns) shown: the window's, plus the virtual positions when the window has
+        moved past them, so a soft prompt's share stays visible in a long prompt."""
         self._need_data()
-        return self.data.head(self.layer.value, self.head.value, self.window)
+        return self.capture.window_keys(self.window)
+
+    def shown_map(self) -> np.ndarray:
+        """The matrix the heatmap shows now (the window of the chosen layer and head): the window's
+        queries as rows, ``keys`` as columns."""
+        self._need_data()
+        return self.data.head(self.layer.value, self.head.value, self.window, keys=self.keys)
+
+    def _labels(self, positions) -> list[str]:
+        tokens = self.capture.tokens
+        return [figures.token_labels([tokens[int(i)]], start=int(i))[0] for i in positions]
 
     def select(self, layer: int, head: int | str) -> None:
         """What a grid click does: open that layer and head."""
@@ -212,26 +224,30 @@ class AttentionView:
             return
         lo, hi = self.window
         m = self.shown_map()
-        labels = figures.token_labels(self.capture.tokens[lo:hi], start=lo)
+        keys = self.keys
+        rows = figures.token_labels(self.capture.tokens[lo:hi], start=lo)
+        cols = self._labels(keys)
         head = self.head.value
         name = f"head {head}" if isinstance(head, int) else f"{head} of heads"
         with self.heatmap.batch_update():
             t = self.heatmap.data[0]
-            t.z, t.x, t.y = m, labels, labels
+            t.z, t.x, t.y = m, cols, rows
             self.heatmap.layout.title.text = f"layer {self.layer.value}, {name}, tokens {lo}-{hi - 1}"
-        self.refresh_row(labels)
+        self.refresh_row(cols)
+        front = len(keys) - (hi - lo)
+        kept = f", and the {front} virtual positions as the first columns" if front else ""
         self.info.value = (f'<span style="color:#6b7280">showing {hi - lo} x {hi - lo} of '
-                           f"{self.capture.n_tokens} x {self.capture.n_tokens}; the token window moves "
+                           f"{self.capture.n_tokens} x {self.capture.n_tokens}{kept}; the token window moves "
                            "through long prompts</span>")
 
     def refresh_row(self, labels: list[str] | None = None) -> None:
         """The row view: what the chosen query token attends to, over the window's keys."""
         if self.data is None:
             return
-        lo, hi = self.window
-        labels = labels or figures.token_labels(self.capture.tokens[lo:hi], start=lo)
+        keys = self.keys
+        labels = labels or self._labels(keys)
         q = int(self.query.value)
-        row = self.data.row(self.layer.value, self.head.value, q, self.window)
+        row = self.data.row(self.layer.value, self.head.value, q, self.window, keys=keys)
         with self.row_plot.batch_update():
             self.row_plot.data[0].x = labels
             self.row_plot.data[0].y = row
