@@ -85,8 +85,10 @@ def answer_row(model, tokenizer, template: Template, row: dict, *, few_shot: boo
 
 def answer_rows(model, tokenizer, template: Template, rows: Sequence[dict], *, few_shot: bool = True,
                 max_new_tokens: int = 48, batch_size: int = 16) -> list[str]:
-    """Greedy answers for many rows, batched with left padding."""
-    import torch
+    """Greedy answers for many rows, batched with left padding. They end at any of the model's stop tokens;
+    a soft prompt or prefix adapter generates without the KV cache (it goes wrong through it), a prefix one
+    row at a time: the same generation the comparison scores with."""
+    from .compare import _generate
 
     prompts = [template.prompt_text(r, tokenizer, with_examples=few_shot) for r in rows]
     old_side = tokenizer.padding_side
@@ -94,13 +96,7 @@ def answer_rows(model, tokenizer, template: Template, rows: Sequence[dict], *, f
     answers: list[str] = []
     try:
         for i in range(0, len(prompts), batch_size):
-            enc = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True,
-                            add_special_tokens=False).to(model.device)
-            with torch.no_grad():
-                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                     pad_token_id=tokenizer.pad_token_id)
-            new = out[:, enc["input_ids"].shape[1]:]
-            answers += tokenizer.batch_decode(new, skip_special_tokens=True)
+            answers += _generate(model, tokenizer, prompts[i:i + batch_size], max_new_tokens)[0]
     finally:
         tokenizer.padding_side = old_side
     return answers
