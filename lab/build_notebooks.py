@@ -611,7 +611,10 @@ NOTEBOOKS["07_peft_methods.ipynb"] = [
     md("A soft prompt of 20 virtual tokens is 20 x 576 = 11,520 numbers: under 0.01% of the model. LoRA of rank 8 on "
        "the attention projections is 921,600 (0.685%), DoRA adds a magnitude per output (967,680, 0.719%), IA3 "
        "scales keys, values and the MLP inputs (57,600, 0.043%); BitFit trains the norms and biases (this model has "
-       "no biases: 35,136, 0.026%)."),
+       "no biases: 35,136, 0.026%). The last three rows are variants the shoot-out trains only when named: rsLoRA "
+       "has LoRA's count (it changes only the scaling, alpha/sqrt(rank) instead of alpha/rank), p-tuning's soft "
+       "prompt comes out of a small trained MLP (1,008,576, 0.750%: the MLP is most of it), and freeze tuning "
+       "trains the last two blocks in full (7,080,192, 5.263%)."),
     md("## The shoot-out\n\n"
        "`compare_methods` (and this view over it) trains each method as an ordinary run, one after the other, in "
        "`runs/` (so **RunHistory** lists them, each with its curves, adapter and config), with the same step budget "
@@ -622,7 +625,7 @@ NOTEBOOKS["07_peft_methods.ipynb"] = [
     code("# workshop leaders: SFTKIT_NOTEBOOK_FAST=1 trains one method a family for 3 steps and scores 8 items\n"
          'steps = sftkit.notebook_knob("steps", 60, fast=3)\n'
          'items = sftkit.notebook_knob("items", 40, fast=8)\n'
-         'chosen = sftkit.notebook_knob("methods", ",".join(sftkit.PEFT_METHODS), fast="LoRA,IA3,prompt tuning,BitFit")\n'
+         'chosen = sftkit.notebook_knob("methods", ",".join(sftkit.DEFAULT_PEFT_METHODS), fast="LoRA,IA3,prompt tuning,BitFit")\n'
          'methods = [name.strip() for name in chosen.split(",")]\n'
          "budget = sftkit.Budget(steps=steps, batch_size=8, rows=400, eval_items=items, seed=0)\n"
          'view = ShootoutView(task="dates", methods=methods, budget=budget, store="runs")\n'

@@ -51,6 +51,7 @@ _LAZY = {
     "Budget": ("sftkit.engine.shootout", "Budget"),
     "PeftMethod": ("sftkit.engine.shootout", "Method"),
     "PEFT_METHODS": ("sftkit.engine.shootout", "METHODS"),
+    "DEFAULT_PEFT_METHODS": ("sftkit.engine.shootout", "DEFAULT_METHODS"),
     "latest_shootout": ("sftkit.engine.shootout", "latest_shootout"),
     "export_adapter": ("sftkit.engine.output", "export_adapter"),
     # memory

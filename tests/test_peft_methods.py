@@ -517,7 +517,7 @@ def test_notebook_07_states_the_trainable_counts_the_plans_compute(default_model
     notebook = json.loads((Path(__file__).resolve().parents[1] / "notebooks" / "07_peft_methods.ipynb").read_text())
     text = " ".join("".join(c["source"]) for c in notebook["cells"] if c["cell_type"] == "markdown")
     a = inspect_model(sftkit.load_model("default").model)
-    for name in ("LoRA", "DoRA", "IA3", "BitFit"):
+    for name in ("LoRA", "DoRA", "IA3", "BitFit", "p-tuning", "freeze tuning"):
         n = FreezePlan.from_adapter(RunConfig.from_dict({"adapter": SHOOTOUT[name].adapter}).adapter, a).trainable_params(a)
         assert f"{n:,}" in text and f"{100 * n / a.total_params:.3f}%" in text, name
     assert "about 1.4%" not in text
@@ -555,3 +555,18 @@ def test_shootout_runs_are_named_after_the_shootout_and_the_method():
     assert len(long) <= 64 and long.startswith("shootout-xxx") and long.endswith("-LLaMA-Adapter")
     odd = Method("a/b c", {"preset": "ia3"}, 1e-3)
     assert method_config("dates", odd, Budget(), name="n").name == "shootout-n-a-b-c"
+
+
+def test_the_default_shootout_is_the_seven_and_the_variants_come_by_name(tmp_path):
+    """compare_methods trains one method a family (and DoRA) when not told; rsLoRA, p-tuning and freeze tuning
+    are named methods with configs the run engine accepts, each with its own knob set."""
+    from sftkit.engine.shootout import DEFAULT_METHODS, METHODS, Budget, _resolve_methods, method_config
+
+    assert [m.name for m in _resolve_methods(None)] == list(DEFAULT_METHODS)
+    assert set(DEFAULT_METHODS) < set(METHODS) and sftkit.DEFAULT_PEFT_METHODS == DEFAULT_METHODS
+    extras = _resolve_methods(["rsLoRA", "p-tuning", "freeze tuning"])
+    cfgs = [method_config("dates", m, Budget(steps=2), store=tmp_path) for m in extras]
+    assert cfgs[0].adapter.rslora is True and cfgs[0].adapter.preset == "lora_attention"
+    assert cfgs[1].adapter.preset == "p_tuning" and cfgs[1].adapter.virtual_tokens == 20
+    assert cfgs[2].adapter.preset == "freeze_tuning" and cfgs[2].adapter.top_n == 2
+    assert [c.training.learning_rate for c in cfgs] == [1e-3, 1e-2, 1e-4]

@@ -60,7 +60,15 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("prefix tuning", {"preset": "prefix_tuning", "virtual_tokens": 20}, 1e-2),
     Method("LLaMA-Adapter", {"preset": "adaption_prompt", "virtual_tokens": 10}, 1e-2),
     Method("BitFit", {"preset": "bitfit"}, 1e-3),
+    # variants, by name only (not in the default shoot-out: each costs another run): rsLoRA scales by
+    # alpha/sqrt(rank) instead of alpha/rank; p-tuning makes its soft prompt with a small MLP; freeze tuning
+    # trains the last two blocks in full (a full fine-tune's rate)
+    Method("rsLoRA", {"preset": "lora_attention", "rank": 8, "alpha": 16.0, "dropout": 0.0, "rslora": True}, 1e-3),
+    Method("p-tuning", {"preset": "p_tuning", "virtual_tokens": 20}, 1e-2),
+    Method("freeze tuning", {"preset": "freeze_tuning", "top_n": 2}, 1e-4),
 )}
+# one method of each family and the common LoRA variant: what compare_methods trains when not told
+DEFAULT_METHODS = ("LoRA", "DoRA", "IA3", "prompt tuning", "prefix tuning", "LLaMA-Adapter", "BitFit")
 
 
 @dataclass(frozen=True)
@@ -252,7 +260,7 @@ def method_config(task: str, method: Method, budget: Budget, *, model: str = "de
 
 def _resolve_methods(methods) -> list[Method]:
     if methods is None:
-        return list(METHODS.values())
+        return [METHODS[n] for n in DEFAULT_METHODS]
     out = []
     for m in methods:
         if isinstance(m, Method):
@@ -378,7 +386,8 @@ def compare_methods(task: str = "dates", methods: Sequence[Method | str] | None 
     an ordinary run in ``store``; score them all on the same held-out items; save and return the table.
 
     task: a teaching task (``sftkit.teaching_task``). methods: names from ``METHODS`` or ``Method`` objects
-    (default: every family). budget: steps, batch size, rows, held-out items, seed shared by all.
+    (default: ``DEFAULT_METHODS``, every family; rsLoRA, p-tuning and freeze tuning by name).
+    budget: steps, batch size, rows, held-out items, seed shared by all.
     progress: called with a line of text as it goes. stop: a ``threading.Event``; set, the run in progress
     stops (its adapter is kept) and no other starts; the table then has what finished.
     """
