@@ -3,6 +3,7 @@
     .venv/bin/python lab/time_notebooks.py                    # every notebook, in workshop order
     .venv/bin/python lab/time_notebooks.py 00_quickstart      # some of them
     .venv/bin/python lab/time_notebooks.py --fast 00_quickstart   # the fast profile the tests run
+    .venv/bin/python lab/time_notebooks.py --keep /tmp/executed   # also keep each executed notebook there
 
 Each notebook runs in the `sftkit` kernel under nbclient, as *Run All* would, in one temporary working
 folder shared by the notebooks of this call (so, as in a workshop, notebook 5 reuses the run notebook 4
@@ -82,11 +83,14 @@ def run_one(name: str, workdir: Path, timeout: int, keep: Path | None = None) ->
     try:
         NotebookClient(nb, timeout=timeout, kernel_name="sftkit",
                        resources={"metadata": {"path": str(workdir)}}).execute()
+        return time.perf_counter() - t0  # the clock stops at the last cell's end, before anything is written
     finally:
         if keep is not None:
-            keep.mkdir(parents=True, exist_ok=True)
-            nbformat.write(nb, str(keep / name))
-    return time.perf_counter() - t0
+            try:
+                keep.mkdir(parents=True, exist_ok=True)
+                nbformat.write(nb, str(keep / name))
+            except OSError as exc:  # never hides a cell's error
+                print(f"could not keep {name} in {keep}: {exc}", file=sys.stderr)
 
 
 def table(timings: dict, order: list[str]) -> str:
@@ -130,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"no notebook {name!r}; the notebooks: {', '.join(order)}")
         names.append(name)
     names.sort(key=order.index)
+    if args.keep is not None and args.keep.resolve().is_relative_to(ROOT):
+        ap.error(f"--keep {args.keep}: a folder outside the repository (executed copies never replace the notebooks)")
     for var in PROFILE_ENV:  # the full profile is the notebook as committed: no shortening from the caller
         os.environ.pop(var, None)
     if args.fast:

@@ -558,7 +558,7 @@ def test_shootout_runs_are_named_after_the_shootout_and_the_method():
 
 
 def test_the_default_shootout_is_the_seven_and_the_variants_come_by_name(tmp_path):
-    """compare_methods trains one method a family (and DoRA) when not told; rsLoRA, p-tuning and freeze tuning
+    """compare_methods trains the seven default methods when not told; rsLoRA, p-tuning and freeze tuning
     are named methods with configs the run engine accepts, each with its own knob set."""
     from sftkit.engine.shootout import DEFAULT_METHODS, METHODS, Budget, _resolve_methods, method_config
 

@@ -259,6 +259,7 @@ def test_a_window_past_the_virtual_positions_keeps_them_as_the_first_columns(met
     np.testing.assert_allclose(np.asarray(view.heatmap.data[0].z), ref.mean(0)[lo:hi][:, keys], atol=2e-3)
     view.window_start.value = 2
     assert [x.split(":")[0] for x in view.heatmap.data[0].x] == [str(i) for i in (0, 1, *range(2, 10))]
+    assert "the first 2 virtual positions as the first columns" in view.info.value
     view.window_start.value = 0
     assert "virtual positions as the first columns" not in view.info.value
 
@@ -403,45 +404,69 @@ def test_counter_says_which_share_of_the_model_trains_for_every_method(preset, t
     assert abs(float(shown.group(1)) - 100 * trains / total) <= 0.5 * 10 ** -digits + 1e-12
 
 
-# ---- generation with a soft prompt: never through the KV cache --------------------------------------------
-def greedy_without_cache(model, ids, n):
-    """The reference: n greedy tokens, each from a full forward over everything so far (no cache at all)."""
-    ids = torch.tensor([ids])
+# ---- generation with a soft prompt or a prefix: what a full forward gives ----------------------------------
+def greedy_without_cache(model, ids, n, stops):
+    """The reference: greedy tokens, each from a full forward over everything so far (the computation training
+    does), up to and with the first stop id or n tokens."""
+    ids = torch.tensor([ids], device=model.device)
+    new = []
     with torch.no_grad():
         for _ in range(n):
             logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
-            ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], 1)
-    return ids[0].tolist()
+            new.append(int(logits[0, -1].argmax()))
+            ids = torch.cat([ids, torch.tensor([[new[-1]]], device=ids.device)], 1)
+            if new[-1] in stops:
+                break
+    return new
 
 
-def test_a_soft_prompt_generates_what_a_full_forward_gives_on_the_default_model(default_model_folder):
-    """Regression: with peft 0.21 / transformers 5, generating through the KV cache with a soft prompt goes
-    wrong after the first token (a tiny random model does not show it; the default model does, untrained
-    prompt included). Every sftkit path that answers (a chat answer, answers for rows, the comparison's
-    generation) must give the full-forward reference."""
-    from peft import PromptTuningConfig, get_peft_model
+@pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning"])
+def test_prompt_learning_answers_are_what_a_full_forward_gives_on_the_default_model(method, default_model_folder):
+    """Regression, on the default model (a tiny random model does not show it): with peft 0.21 / transformers 5,
+    generating through the KV cache with a soft prompt goes wrong after the first token, and ``generate`` gets
+    a prefix wrong even without the cache (its positions start at 0, the forward's after the prefix). Every
+    sftkit path that answers must give the full-forward reference: a chat answer (streamed), answers for rows
+    of different lengths batched with left padding, the comparison's generation, candidates to rate."""
+    from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model
 
-    from sftkit.engine.compare import _generate, _stop_ids
+    from sftkit.engine.compare import _generate
     from sftkit.engine.generate import answer_rows, generate_text
+    from sftkit.engine.preference import sample_candidates
 
     model, tok = sftkit.load_model(str(default_model_folder))
     torch.manual_seed(0)
-    model = get_peft_model(model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=8)).eval()
+    config = (PromptTuningConfig if method == "prompt_tuning" else PrefixTuningConfig)(
+        task_type="CAUSAL_LM", num_virtual_tokens=8)
+    model = get_peft_model(model, config).eval()
+    eos = model.generation_config.eos_token_id
+    stops = {tok.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}  # written out, not sftkit's
     template = Template(user_pattern="Write the date {d} as YYYY-MM-DD.", answer_field="iso")
-    row = {"d": "3 March 2021", "iso": "2021-03-03"}
-    prompt = template.prompt_text(row, tok, with_examples=False)
-    ids = tok(prompt, add_special_tokens=False).input_ids
+    rows = [{"d": "3 March 2021", "iso": "2021-03-03"},
+            {"d": "the twenty-first of December in the year 1999", "iso": "1999-12-21"}]  # lengths differ: padding
+    prompts = [template.prompt_text(r, tok, with_examples=False) for r in rows]
+    ids = [tok(p, add_special_tokens=False).input_ids for p in prompts]
+    assert len(ids[0]) != len(ids[1])
     n = 6
-    new = greedy_without_cache(model, ids, n)[len(ids):]
-    stops = _stop_ids(model, tok)
-    new = new[:next((k + 1 for k, t in enumerate(new) if t in stops), n)]  # every sftkit path ends at a stop
-    want = tok.decode(new, skip_special_tokens=True)
-    assert want.strip(), "the reference answer is empty"
-    with torch.no_grad():  # the canary: the cache still goes wrong here, so this test can see the difference
-        cached = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=n, do_sample=False, use_cache=True)
-    assert tok.decode(cached[0, len(ids):], skip_special_tokens=True) != want, \
-        "cached generation with a soft prompt is right again: sftkit could use the KV cache for prompt methods"
-    assert generate_text(model, tok, prompt, max_new_tokens=n).text == want
-    assert answer_rows(model, tok, template, [row, row], few_shot=False, max_new_tokens=n) == [want, want]
+    want = [tok.decode(greedy_without_cache(model, i, n, stops), skip_special_tokens=True) for i in ids]
+    assert all(w.strip() for w in want), want
+    if method == "prompt_tuning":  # the canary: the cache still goes wrong here, so this test sees the difference
+        with torch.no_grad():
+            cached = model.generate(input_ids=torch.tensor([ids[0]], device=model.device), max_new_tokens=n,
+                                    do_sample=False, use_cache=True)
+        assert tok.decode(cached[0, len(ids[0]):], skip_special_tokens=True) != want[0], \
+            "cached generation with a soft prompt is right again: sftkit could use the KV cache for prompt methods"
+    else:  # the canary: generate without the cache still numbers a prefix's text differently
+        with torch.no_grad():
+            plain = model.generate(input_ids=torch.tensor([ids[1]], device=model.device), max_new_tokens=n,
+                                   do_sample=False, use_cache=False)
+        assert tok.decode(plain[0, len(ids[1]):], skip_special_tokens=True) != want[1], \
+            "generate gives a prefix's full-forward answer again: prefix tuning could use it"
+    pieces = []
+    answer = generate_text(model, tok, prompts[1], max_new_tokens=n, on_text=pieces.append)
+    assert answer.text == want[1] and "".join(pieces).strip() == want[1].strip()
+    assert answer_rows(model, tok, template, rows, few_shot=False, max_new_tokens=n) == want
     tok.padding_side = "left"  # as the comparison sets it
-    assert _generate(model, tok, [prompt, prompt], n)[0] == [want, want]
+    assert _generate(model, tok, prompts, n)[0] == want
+    # candidates to rate, sampled so cold that the draw is the greedy token: the same path, the reference answer
+    cold = sample_candidates(model, tok, template, rows, k=1, temperature=1e-4, max_new_tokens=n)
+    assert [c[0] for c in cold] == [w.strip() for w in want]

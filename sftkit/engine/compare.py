@@ -92,6 +92,7 @@ class Variant:
             "dtype": str(getattr(base, "dtype", "")),
             "quantization": str(getattr(getattr(base, "config", None), "quantization_config", None)),
             "weights": _weights_identity(getattr(getattr(base, "config", None), "_name_or_path", "")),
+            "generation": GENERATION_VERSION,
         }
         h.update(json.dumps(parts, sort_keys=True, default=str).encode())
         if self.adapter is not None:
@@ -477,18 +478,61 @@ def _active_peft_type(model) -> str:
 
 # Measured with peft 0.21.2 / transformers 5.24: greedy generation through the KV cache goes wrong after the
 # first token with prompt tuning, p-tuning and prefix tuning (a run whose teacher-forced eval loss is 0.04
-# answered 0 of 40 items); without the cache the answers are right. Prefix tuning also goes wrong with left
-# padding, so its rows are generated one at a time.
+# answered 0 of 40 items); without the cache prompt and p-tuning answer as a full forward does (what training
+# computes). Prefix tuning goes wrong in ``generate`` even without the cache: it numbers the text's positions
+# from 0 where the forward numbers them after the prefix, so its answers are decoded by full forwards
+# (``decode_by_forward``), one row at a time.
 NO_CACHE_TYPES = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")
+FORWARD_DECODED_TYPES = ("PREFIX_TUNING",)
+GENERATION_VERSION = 2  # part of a comparison's cache key: answers cached before prefix tuning's fix are not reused
+
+
+def decode_by_forward(model, input_ids: list[int], max_new_tokens: int, stops: set[int], *,
+                      temperature: float | None = None, top_p: float = 1.0, generator=None,
+                      stop_event: threading.Event | None = None,
+                      on_token: Callable[[list[int]], None] | None = None) -> list[int]:
+    """New token ids after ``input_ids``, each from a full forward over everything so far: the computation
+    training does, for adapters that ``generate`` gets wrong. Greedy, or sampled when ``temperature`` is given
+    (nucleus ``top_p``, ``generator`` for the draws). Ends after a stop id (kept), at ``max_new_tokens`` or
+    when ``stop_event`` is set; ``on_token`` gets the new ids after each token."""
+    import torch
+
+    ids = torch.tensor([list(input_ids)], device=model.device)
+    new: list[int] = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            if stop_event is not None and stop_event.is_set():
+                break
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1].float()
+            if temperature is None:
+                token = int(logits.argmax())
+            else:
+                probs = torch.softmax(logits / temperature, dim=-1)
+                if top_p < 1.0:  # the smallest set of tokens whose probability reaches top_p
+                    sorted_p, order = probs.sort(descending=True)
+                    keep = sorted_p.cumsum(0) - sorted_p < top_p
+                    probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+                token = int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
+            new.append(token)
+            ids = torch.cat([ids, torch.tensor([[token]], device=ids.device)], dim=1)
+            if on_token is not None:
+                on_token(new)
+            if token in stops:
+                break
+    return new
 
 
 def _generate(model, tokenizer, prompts: list[str], max_new_tokens: int) -> tuple[list[str], list[int], float]:
     import torch
 
     kind = _active_peft_type(model)
-    if kind == "PREFIX_TUNING" and len(prompts) > 1:
-        parts = [_generate(model, tokenizer, [p], max_new_tokens) for p in prompts]
-        return [t for p in parts for t in p[0]], [c for p in parts for c in p[1]], sum(p[2] for p in parts)
+    if kind in FORWARD_DECODED_TYPES:
+        started = time.perf_counter()
+        stops = _stop_ids(model, tokenizer)
+        new = [decode_by_forward(model, tokenizer(p, add_special_tokens=False).input_ids, max_new_tokens, stops)
+               for p in prompts]
+        return (tokenizer.batch_decode(new, skip_special_tokens=True), [len(n) for n in new],
+                time.perf_counter() - started)
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     started = time.perf_counter()
     with torch.no_grad():

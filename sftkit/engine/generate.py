@@ -60,10 +60,27 @@ def generate_text(model, tokenizer, prompt: str, *, max_new_tokens: int = 64,
                   pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
     if do_sample:
         kwargs["temperature"] = temperature
-    from .compare import NO_CACHE_TYPES, _active_peft_type
+    from .compare import FORWARD_DECODED_TYPES, NO_CACHE_TYPES, _active_peft_type, _stop_ids, decode_by_forward
 
-    if _active_peft_type(model) in NO_CACHE_TYPES:  # soft prompts and prefixes generate wrongly through the cache
+    kind = _active_peft_type(model)
+    if kind in FORWARD_DECODED_TYPES:  # a prefix: full forwards, as training computes (compare.py says why)
+        shown = [""]
+
+        def stream(new: list[int]) -> None:
+            text = tokenizer.decode(new, skip_special_tokens=True)
+            if on_text is not None and text.startswith(shown[0]) and len(text) > len(shown[0]):
+                on_text(text[len(shown[0]):])
+                shown[0] = text
+
+        new = decode_by_forward(model, enc["input_ids"][0].tolist(), max_new_tokens, _stop_ids(model, tokenizer),
+                                temperature=temperature if do_sample else None,  # torch's global generator, as
+                                stop_event=stop_event, on_token=stream)  # generate draws from it
+        return Answer(text=tokenizer.decode(new, skip_special_tokens=True), new_tokens=len(new),
+                      seconds=time.perf_counter() - started,
+                      stopped=bool(stop_event is not None and stop_event.is_set()))
+    if kind in NO_CACHE_TYPES:  # soft prompts generate wrongly through the cache
         kwargs["use_cache"] = False
+    kwargs["eos_token_id"] = sorted(_stop_ids(model, tokenizer))  # every stop token, as the comparison's answers
     with torch.no_grad():
         out = model.generate(**enc, streamer=_streamer(tokenizer, on_text),
                              stopping_criteria=_stopping(stop_event), **kwargs)

@@ -84,19 +84,34 @@ def sample_candidates(model, tokenizer, template: Template, rows: list[dict], *,
     """``k`` sampled answers per row (the template's prompt without its few-shot examples, as the run trains
     and answers), batched with left padding. ``stop``: a threading.Event checked between tokens. The
     comparison's safeguards (``compare.py``): every stop id ends an answer (the generation config's and the
-    tokenizer's end of sequence), no KV cache for prompt / p- / prefix tuning, prefix tuning one row at a time."""
+    tokenizer's end of sequence), no KV cache for prompt / p-tuning, prefix tuning decoded by full forwards a
+    row at a time."""
     import copy
 
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList
 
-    from .compare import NO_CACHE_TYPES, _active_peft_type, _stop_ids
+    from .compare import FORWARD_DECODED_TYPES, NO_CACHE_TYPES, _active_peft_type, _stop_ids, decode_by_forward
 
     kind = _active_peft_type(model)
-    if kind == "PREFIX_TUNING" and len(rows) > 1:  # left padding breaks prefix tuning
-        return [sample_candidates(model, tokenizer, template, [row], k=k, temperature=temperature, top_p=top_p,
-                                  max_new_tokens=max_new_tokens, seed=seed + i, stop=stop)[0]
-                for i, row in enumerate(rows)]
+    if kind in FORWARD_DECODED_TYPES:  # generate gets a prefix wrong (compare.py says why): full forwards
+        stops = _stop_ids(model, tokenizer)
+        out = []
+        was_training = model.training
+        model.eval()
+        try:
+            for i, row in enumerate(rows):
+                generator = torch.Generator(device=model.device)
+                generator.manual_seed(seed + i)
+                ids = tokenizer(template.prompt_text(row, tokenizer, with_examples=False),
+                                add_special_tokens=False).input_ids
+                seqs = [decode_by_forward(model, ids, max_new_tokens, stops, temperature=temperature, top_p=top_p,
+                                          generator=generator, stop_event=stop) for _ in range(k)]
+                seqs = [s[:next((j for j, t in enumerate(s) if t in stops), len(s))] for s in seqs]  # up to its stop
+                out.append([t.strip() for t in tokenizer.batch_decode(seqs, skip_special_tokens=True)])
+        finally:
+            model.train(was_training)
+        return out
     tok = copy.copy(tokenizer)  # our own padding side; the caller's tokenizer is untouched
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

@@ -1,4 +1,5 @@
-"""A method shoot-out: every PEFT family trained on the same rows with the same step budget and seed.
+"""A method shoot-out: PEFT methods of the course's families trained on the same rows with the same step budget
+and seed.
 
 Each method is one ordinary run (one folder, one ``sftkit train`` process, one after the other: the
 same curves, Stop, history and export as any run). Then one comparison scores every run on the
@@ -67,7 +68,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("p-tuning", {"preset": "p_tuning", "virtual_tokens": 20}, 1e-2),
     Method("freeze tuning", {"preset": "freeze_tuning", "top_n": 2}, 1e-4),
 )}
-# one method of each family and the common LoRA variant: what compare_methods trains when not told
+# what compare_methods trains when not told: LoRA and DoRA, IA3 and LLaMA-Adapter (the adapter family), prompt and
+# prefix tuning (p-tuning, the third prompt method, by name), BitFit
 DEFAULT_METHODS = ("LoRA", "DoRA", "IA3", "prompt tuning", "prefix tuning", "LLaMA-Adapter", "BitFit")
 
 
@@ -386,7 +388,7 @@ def compare_methods(task: str = "dates", methods: Sequence[Method | str] | None 
     an ordinary run in ``store``; score them all on the same held-out items; save and return the table.
 
     task: a teaching task (``sftkit.teaching_task``). methods: names from ``METHODS`` or ``Method`` objects
-    (default: ``DEFAULT_METHODS``, every family; rsLoRA, p-tuning and freeze tuning by name).
+    (default: ``DEFAULT_METHODS``, seven methods; rsLoRA, p-tuning and freeze tuning by name).
     budget: steps, batch size, rows, held-out items, seed shared by all.
     progress: called with a line of text as it goes. stop: a ``threading.Event``; set, the run in progress
     stops (its adapter is kept) and no other starts; the table then has what finished.

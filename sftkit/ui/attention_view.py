@@ -3,7 +3,7 @@
 A thin view over ``sftkit.engine.attention`` (AttentionCapture / AttentionDiff) and the
 figure builders in ``sftkit.ui.figures``. Only the slice on screen goes to the browser: at
 most ``max_window`` x ``max_window`` float32 values (256 x 256: about 350 kB of JSON), whatever
-the prompt length.
+the prompt length; with a soft prompt or prefix, its virtual key columns in front (256 x 276 for 20).
 """
 
 from __future__ import annotations
@@ -235,7 +235,8 @@ class AttentionView:
             self.heatmap.layout.title.text = f"layer {self.layer.value}, {name}, tokens {lo}-{hi - 1}"
         self.refresh_row(cols)
         front = len(keys) - (hi - lo)
-        kept = f", and the {front} virtual positions as the first columns" if front else ""
+        kept = (f", and the {'' if front == self.capture.n_virtual else 'first '}{front} virtual positions as the "
+                "first columns") if front else ""
         self.info.value = (f'<span style="color:#6b7280">showing {hi - lo} x {hi - lo} of '
                            f"{self.capture.n_tokens} x {self.capture.n_tokens}{kept}; the token window moves "
                            "through long prompts</span>")
