@@ -220,3 +220,43 @@ def test_gpt2s_conv1d_projections_are_stored_in_bf16_too(tmp_path, default_model
     out, ref = model(**batch), fp32(**batch)
     assert out.logits.dtype == torch.float32
     assert out.loss.item() == pytest.approx(ref.loss.item(), rel=1e-2)
+
+
+def test_a_run_resumed_where_the_precision_policy_differs_records_it_and_warns(tiny_llama_dir, tmp_path, monkeypatch):
+    """Started with bf16 frozen weights (a bf16 CPU), resumed on a CPU without: the resumed event names the
+    precision and a warning says the curve goes on in another one. Resumed alike: no warning."""
+    import shutil
+
+    from sftkit.core.runstore import RunFolder
+    from sftkit.engine import hardware
+    from sftkit.engine.train import run_training
+
+    from helpers import tiny_config
+
+    monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda cpuinfo=None: True)
+    monkeypatch.setattr(hardware, "onednn_bf16", lambda: True)
+    cfg = tiny_config(tiny_llama_dir, tmp_path / "runs", max_steps=4, eval_every=0, sample_every=0,
+                      checkpoint_every=2)
+    full = run_training(cfg).run
+    assert next(e for e in full.events() if e["event"] == "started")["frozen_dtype"] == "bfloat16"
+
+    def cut(name):  # a copy of the run cut back to its step-2 checkpoint
+        run = RunFolder(tmp_path / "runs" / name)
+        shutil.copytree(full.path, run.path)
+        shutil.rmtree(run.checkpoints_dir / "checkpoint-4")
+        shutil.rmtree(run.adapter_dir)
+        return run
+
+    same = cut("same")
+    assert run_training(same.config(), same, resume=True).state == "finished"
+    resumed = [e for e in same.events() if e["event"] == "resumed"]
+    assert resumed[-1]["frozen_dtype"] == "bfloat16"
+    assert not [e for e in same.events() if e["event"] == "warning" and "precision" in e["message"]]
+
+    monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda cpuinfo=None: False)
+    other = cut("other")
+    assert run_training(other.config(), other, resume=True).state == "finished"
+    resumed = [e for e in other.events() if e["event"] == "resumed"]
+    assert resumed[-1]["frozen_dtype"] is None
+    warned = [e["message"] for e in other.events() if e["event"] == "warning" and "precision" in e["message"]]
+    assert warned and "started with bfloat16" in warned[0]

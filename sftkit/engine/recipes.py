@@ -208,8 +208,14 @@ def begin(ctx: RunContext, parts: ModelParts, data: DataParts, *, resume: bool, 
         step = int(checkpoint.name.split("-")[1])
         if ctx.is_main:
             run.truncate_metrics(step)
+            frozen = frozen_dtype_of(parts.model)
             writer.event("resumed", step=step, checkpoint=str(checkpoint.relative_to(run.path)),
-                         attempt=writer.current.attempt)
+                         attempt=writer.current.attempt, frozen_dtype=frozen)
+            before = next((e.get("frozen_dtype") for e in run.events() if e.get("event") == "started"), frozen)
+            if before != frozen:  # e.g. resumed on a CPU without native bf16: the curve goes on in another precision
+                writer.event("warning", message=f"the frozen weights are now {frozen or 'in the run dtype'} where the "
+                             f"run started with {before or 'the run dtype'} (this machine's precision policy); the "
+                             "loss curve goes on in the other precision")
     elif ctx.is_main:
         writer.event("started", pid=os.getpid(), world_size=ctx.world, device=ctx.device,
                      train_rows=len(data.train), eval_rows=len(data.eval or []), plan=parts.plan.label,
