@@ -385,7 +385,7 @@ NOTEBOOKS["05_prompt_vs_finetune.ipynb"] = [
        "**adapter** a run trained. Because every variant answers the *same* items, the comparison is "
        "paired: an exact McNemar test on the items where they disagree, and a bootstrap interval of the "
        "difference. Then the other side of the bill: what the fine-tune cost elsewhere (forgetting). "
-       "About 5 minutes on a laptop CPU."),
+       "Its measured time is at the top."),
     md("## A fine-tuned run\n\n"
        "This reuses a finished *dates* run from notebook 4 if there is one in `runs/`; otherwise it "
        "trains the example config now (about a minute)."),
@@ -460,7 +460,7 @@ NOTEBOOKS["06_feedback.ipynb"] = [
        "wrong one) and you rate some by hand; **DPO** (direct preference optimisation, through TRL) then "
        "trains the adapter further, with the SFT adapter itself as the frozen reference. Last, the honest "
        "check: prompts no one rated, the SFT adapter against the DPO one, with paired statistics. "
-       "About 10 minutes on a laptop CPU."),
+       "Its measured time is at the top."),
     md("## The SFT adapter\n\n"
        "This reuses a finished *dates* run from notebook 4 if `runs/` has one; otherwise it trains the "
        "example config now (about a minute)."),
@@ -591,8 +591,8 @@ NOTEBOOKS["07_peft_methods.ipynb"] = [
        "methods), **prompt tuning** (a soft prompt in front of every input; prefix tuning puts it in front of every "
        "block's attention), **LoRA** (a low-rank update beside each weight; DoRA learns its magnitude too) and "
        "**BitFit** (only the biases and norms). This notebook trains each on the same task with the same rows, "
-       "steps and seed, and reads the table: what each trains, what it costs, how well it does. About 15 "
-       "minutes on a laptop CPU (a couple with `SFTKIT_NOTEBOOK_FAST=1`)."),
+       "steps and seed, and reads the table: what each trains, what it costs, how well it does. Its measured "
+       "time is at the top; the shoot-out is most of it (a few minutes with `SFTKIT_NOTEBOOK_FAST=1`)."),
     md("## What each method trains\n\n"
        "Every method is a run-config preset (`adapter.preset`) with its own knobs (`virtual_tokens`, `use_dora`, "
        "`rslora`, `prompt_init`, ...). The counts are exact: a run refuses to start if the parameters with "
