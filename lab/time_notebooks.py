@@ -64,6 +64,20 @@ def machine() -> tuple[str, str]:
     return "cpu", f"a {os.cpu_count()}-core CPU ({model})"
 
 
+def commit() -> str | None:
+    """The repository's commit, with "+changes" when the tree differs from it (None outside git)."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+changes" if dirty else "")
+
+
 def private_cache(folder: Path) -> Path:
     from sftkit.core.paths import models_cache_dir
 
@@ -83,7 +97,7 @@ def run_one(name: str, workdir: Path, timeout: int, keep: Path | None = None) ->
     try:
         NotebookClient(nb, timeout=timeout, kernel_name="sftkit",
                        resources={"metadata": {"path": str(workdir)}}).execute()
-        return time.perf_counter() - t0  # the clock stops at the last cell's end, before anything is written
+        return time.perf_counter() - t0  # the clock stops when the kernel has shut down, before anything is written
     finally:
         if keep is not None:
             try:
@@ -150,11 +164,14 @@ def main(argv: list[str] | None = None) -> int:
         done = []
         for name in names:
             print(f"{name} ({key}) ...", flush=True)
+            load_before = os.getloadavg()[0]
             seconds = run_one(name, workdir, args.timeout, args.keep)
             print(f"{name}: {seconds:.0f} s", flush=True)
             timings.setdefault("notebooks", {}).setdefault(name, {})[key] = {
                 "seconds": round(seconds, 1), "date": dt.date.today().isoformat(), "machine": words,
-                "after": list(done), "env": {v: os.environ[v] for v in PROFILE_ENV if v in os.environ}}
+                "after": list(done), "env": {v: os.environ[v] for v in PROFILE_ENV if v in os.environ},
+                "commit": commit(), "load_before": round(load_before, 2),  # 1-minute load averages: was the
+                "load_after": round(os.getloadavg()[0], 2)}  # machine otherwise idle (about 2 = its own work)?
             done.append(name)
             TIMINGS.write_text(json.dumps(timings, indent=1, sort_keys=True) + "\n")  # kept even if a later one fails
     write_readme_table(timings, order)

@@ -47,6 +47,9 @@ def test_monitor_follows_a_run_and_starts_over_on_a_rewind(tmp_path):
     monitor.refresh()
     assert monitor.batching == ("packing: on (auto): <60%> padding; loss: the head at trained positions; "
                                 "passes of at most 512 tokens")
+    writer.event("warning", message="resumed in <b>another</b> precision")
+    monitor.refresh()
+    assert monitor.warnings == ["resumed in <b>another</b> precision"]
     # a resume from step 1 replaces the curves: the monitor starts over
     run.truncate_metrics(1)
     writer.metric({"step": 2, "loss": 0.25})
@@ -99,3 +102,21 @@ def test_state_modules_import_no_widgets():
             "print(sorted(m for m in ('ipywidgets', 'plotly', 'sftkit.ui') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_run_view_shows_the_runs_warnings_escaped_as_they_come(tmp_path):
+    from sftkit.ui.run_view import RunView
+
+    run = make_run(tmp_path)
+    writer = RunWriter(run)
+    writer.status("pending")
+    writer.status("running", step=1, max_steps=2)
+    writer.event("warning", message="the frozen weights are now <i>float32</i>")
+    view = RunView(poll_s=60)
+    view.follow(attach(run.path))
+    assert "&#9888; the frozen weights are now &lt;i&gt;float32&lt;/i&gt;" in view.message.value
+    writer.event("warning", message="a second one")
+    view.refresh(force=True)
+    assert view.message.value.count("&#9888;") == 2 and "a second one" in view.message.value
+    if view._poller is not None:
+        view._poller.stop()

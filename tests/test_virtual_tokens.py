@@ -423,9 +423,9 @@ def greedy_without_cache(model, ids, n, stops):
 @pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning"])
 def test_prompt_learning_answers_are_what_a_full_forward_gives_on_the_default_model(method, default_model_folder):
     """Regression, on the default model (a tiny random model does not show it): with peft 0.21 / transformers 5,
-    generating through the KV cache with a soft prompt goes wrong after the first token, and ``generate`` gets
-    a prefix wrong even without the cache (its positions start at 0, the forward's after the prefix). Every
-    sftkit path that answers must give the full-forward reference: a chat answer (streamed), answers for rows
+    generating through the KV cache with a soft prompt goes wrong after the first token, and ``generate`` gives
+    a prefix other answers than the forward even without the cache. Every sftkit path that answers must give
+    the full-forward reference: a chat answer (streamed), answers for rows
     of different lengths batched with left padding, the comparison's generation, candidates to rate."""
     from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model
 
@@ -447,8 +447,13 @@ def test_prompt_learning_answers_are_what_a_full_forward_gives_on_the_default_mo
     ids = [tok(p, add_special_tokens=False).input_ids for p in prompts]
     assert len(ids[0]) != len(ids[1])
     n = 6
-    want = [tok.decode(greedy_without_cache(model, i, n, stops), skip_special_tokens=True) for i in ids]
+    greedy = [greedy_without_cache(model, i, n, stops) for i in ids]
+    want = [tok.decode(g, skip_special_tokens=True) for g in greedy]
     assert all(w.strip() for w in want), want
+    for i, g in zip(ids, greedy):  # the reference is what training's forward predicts, teacher-forced in one pass
+        full = torch.tensor([i + g], device=model.device)
+        out = model(input_ids=full, attention_mask=torch.ones_like(full), labels=full)
+        assert out.logits[0, len(i) - 1:len(i) + len(g) - 1].argmax(-1).tolist() == g
     if method == "prompt_tuning":  # the canary: the cache still goes wrong here, so this test sees the difference
         with torch.no_grad():
             cached = model.generate(input_ids=torch.tensor([ids[0]], device=model.device), max_new_tokens=n,
@@ -470,3 +475,49 @@ def test_prompt_learning_answers_are_what_a_full_forward_gives_on_the_default_mo
     # candidates to rate, sampled so cold that the draw is the greedy token: the same path, the reference answer
     cold = sample_candidates(model, tok, template, rows, k=1, temperature=1e-4, max_new_tokens=n)
     assert [c[0] for c in cold] == [w.strip() for w in want]
+
+
+# ---- decoding by full forwards: the sampler itself, on fixed logits ----------------------------------------
+class FixedLogits(torch.nn.Module):
+    """A stand-in language model whose next-token distribution is always ``probs`` (the sampler is what is
+    tested here, not a model)."""
+
+    def __init__(self, probs):
+        super().__init__()
+        self.register_buffer("logits", torch.tensor(probs).log())
+        self.calls = 0
+
+    @property
+    def device(self):
+        return self.logits.device
+
+    def forward(self, input_ids, attention_mask):
+        self.calls += 1
+        assert attention_mask.shape == input_ids.shape and bool(attention_mask.all())
+        return type("Out", (), {"logits": self.logits.expand(1, input_ids.shape[1], -1)})()
+
+
+def test_decode_by_forward_greedy_nucleus_seed_stop_and_refusals():
+    from sftkit.engine.compare import decode_by_forward
+
+    model = FixedLogits([0.5, 0.3, 0.15, 0.05])
+    assert decode_by_forward(model, [9], 5, set()) == [0] * 5 and model.calls == 5  # a full forward a token
+    assert decode_by_forward(model, [9], 5, {0}) == [0]  # ends after a stop id, which is kept
+
+    def draws(top_p, n=3000, temperature=1.0, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        return decode_by_forward(model, [9], n, set(), temperature=temperature, top_p=top_p, generator=g)
+
+    counts = np.bincount(draws(1.0), minlength=4) / 3000
+    np.testing.assert_allclose(counts, [0.5, 0.3, 0.15, 0.05], atol=0.03)  # the distribution itself
+    assert set(draws(0.7)) == {0, 1}  # the smallest set reaching 0.7: 0.5 + 0.3
+    assert set(draws(0.5)) == {0} and set(draws(0.01)) == {0}  # never empty
+    assert set(draws(0.85 + 1e-6)) == {0, 1, 2}
+    assert draws(1.0, n=50, seed=3) == draws(1.0, n=50, seed=3) != draws(1.0, n=50, seed=4)  # seeded
+    sharp = np.bincount(draws(1.0, temperature=0.25), minlength=4) / 3000  # p^4, renormalised
+    want = np.array([0.5, 0.3, 0.15, 0.05]) ** 4
+    np.testing.assert_allclose(sharp, want / want.sum(), atol=0.03)
+    for bad in ({"temperature": 0.0}, {"temperature": -1.0}, {"temperature": 1.0, "top_p": 0.0},
+                {"temperature": 1.0, "top_p": 1.5}):
+        with pytest.raises(ValueError, match="is not allowed"):
+            decode_by_forward(model, [9], 2, set(), **bad)

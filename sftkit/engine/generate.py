@@ -58,8 +58,8 @@ def generate_text(model, tokenizer, prompt: str, *, max_new_tokens: int = 64,
     started = time.perf_counter()
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample,
                   pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
-    if do_sample:
-        kwargs["temperature"] = temperature
+    if do_sample:  # temperature only (no top-k/top-p from the model's generation config): as the prefix path draws
+        kwargs.update(temperature=temperature, top_k=0, top_p=1.0)
     from .compare import FORWARD_DECODED_TYPES, NO_CACHE_TYPES, _active_peft_type, _stop_ids, decode_by_forward
 
     kind = _active_peft_type(model)
@@ -68,9 +68,11 @@ def generate_text(model, tokenizer, prompt: str, *, max_new_tokens: int = 64,
 
         def stream(new: list[int]) -> None:
             text = tokenizer.decode(new, skip_special_tokens=True)
+            if text.endswith("\ufffd"):  # a character whose bytes are not all there yet: wait for the rest
+                return
             if on_text is not None and text.startswith(shown[0]) and len(text) > len(shown[0]):
                 on_text(text[len(shown[0]):])
-                shown[0] = text
+            shown[0] = text
 
         new = decode_by_forward(model, enc["input_ids"][0].tolist(), max_new_tokens, _stop_ids(model, tokenizer),
                                 temperature=temperature if do_sample else None,  # torch's global generator, as
@@ -80,7 +82,9 @@ def generate_text(model, tokenizer, prompt: str, *, max_new_tokens: int = 64,
                       stopped=bool(stop_event is not None and stop_event.is_set()))
     if kind in NO_CACHE_TYPES:  # soft prompts generate wrongly through the cache
         kwargs["use_cache"] = False
-    kwargs["eos_token_id"] = sorted(_stop_ids(model, tokenizer))  # every stop token, as the comparison's answers
+    stops = sorted(_stop_ids(model, tokenizer))
+    if stops:  # every stop token, as the comparison's answers (none known: the generation config's default)
+        kwargs["eos_token_id"] = stops
     with torch.no_grad():
         out = model.generate(**enc, streamer=_streamer(tokenizer, on_text),
                              stopping_criteria=_stopping(stop_event), **kwargs)
@@ -103,7 +107,7 @@ def answer_row(model, tokenizer, template: Template, row: dict, *, few_shot: boo
 def answer_rows(model, tokenizer, template: Template, rows: Sequence[dict], *, few_shot: bool = True,
                 max_new_tokens: int = 48, batch_size: int = 16) -> list[str]:
     """Greedy answers for many rows, batched with left padding. They end at any of the model's stop tokens;
-    a soft prompt or prefix adapter generates without the KV cache (it goes wrong through it), a prefix one
+    a soft prompt generates without the KV cache (it goes wrong through it), a prefix by full forwards one
     row at a time: the same generation the comparison scores with."""
     from .compare import _generate
 

@@ -101,7 +101,7 @@ def sample_candidates(model, tokenizer, template: Template, rows: list[dict], *,
         model.eval()
         try:
             for i, row in enumerate(rows):
-                generator = torch.Generator(device=model.device)
+                generator = torch.Generator()  # decode_by_forward draws on the CPU
                 generator.manual_seed(seed + i)
                 ids = tokenizer(template.prompt_text(row, tokenizer, with_examples=False),
                                 add_special_tokens=False).input_ids
@@ -132,7 +132,7 @@ def sample_candidates(model, tokenizer, template: Template, rows: list[dict], *,
         with torch.no_grad():
             out = model.generate(**enc, do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
                                  num_return_sequences=k, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
-                                 eos_token_id=sorted(stops), use_cache=kind not in NO_CACHE_TYPES,
+                                 eos_token_id=sorted(stops) or None, use_cache=kind not in NO_CACHE_TYPES,
                                  stopping_criteria=StoppingCriteriaList([_Stop()]))
     finally:
         model.train(was_training)

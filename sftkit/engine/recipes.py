@@ -209,9 +209,10 @@ def begin(ctx: RunContext, parts: ModelParts, data: DataParts, *, resume: bool, 
         if ctx.is_main:
             run.truncate_metrics(step)
             frozen = frozen_dtype_of(parts.model)
+            attempts = [e for e in run.events() if e.get("event") in ("started", "resumed") and "frozen_dtype" in e]
+            before = attempts[-1]["frozen_dtype"] if attempts else frozen  # the attempt this one continues
             writer.event("resumed", step=step, checkpoint=str(checkpoint.relative_to(run.path)),
                          attempt=writer.current.attempt, frozen_dtype=frozen)
-            before = next((e.get("frozen_dtype") for e in run.events() if e.get("event") == "started"), frozen)
             if before != frozen:  # e.g. resumed on a CPU without native bf16: the curve goes on in another precision
                 writer.event("warning", message=f"the frozen weights are now {frozen or 'in the run dtype'} where the "
                              f"run started with {before or 'the run dtype'} (this machine's precision policy); the "

@@ -125,6 +125,7 @@ class RunMonitor:
         self.samples: list[dict] = []
         self.state, self.message = "idle", ""
         self.batching = ""  # how the run batches and computes its loss, from its events
+        self.warnings: list[str] = []  # the run's own warning events (e.g. a resume in another precision)
         self.step, self.total = 0, 0
         self.errors = 0
         self.last_error: Exception | None = None
@@ -136,6 +137,7 @@ class RunMonitor:
             self.handle = handle
             self.metrics, self.samples = [], []
             self.state, self.message, self.batching = "pending", "", ""
+            self.warnings = []
 
     @property
     def active(self) -> bool:
@@ -154,6 +156,8 @@ class RunMonitor:
             for event in update.events:
                 if event.get("event") == "batching":
                     self.batching = batching_line(event)
+                elif event.get("event") == "warning" and event.get("message"):
+                    self.warnings.append(str(event["message"]))
             self.state, self.message = update.state, update.message
             self.step, self.total = update.status.step, update.status.max_steps or 0
             return Change(update.state, update.message, data=not update.empty, rewound=update.rewound)

@@ -39,6 +39,7 @@ class RunView:
         self._failing = False  # the last look failed: its message is up until a look succeeds
         self._folder_line = ""
         self._batching_shown = ""
+        self._warnings_shown = 0
         self.message, self.state_label = W.HTML(), W.HTML()
         self.progress = W.IntProgress(value=0, min=0, max=1, layout=W.Layout(width="320px"))
         self.progress_label = W.Label("")
@@ -63,6 +64,7 @@ class RunView:
                         for report in handle.reports for line in report.lines())
         self._folder_line = f"run folder: <code>{html.escape(str(handle.run.path))}</code>{notes}"
         self._batching_shown = ""
+        self._warnings_shown = 0
         self.message.value = self._folder_line
         try:
             active = self.refresh(force=True) in ACTIVE_STATES
@@ -91,6 +93,13 @@ class RunView:
             if self.monitor.batching and self.monitor.batching != self._batching_shown:
                 self._batching_shown = self.monitor.batching
                 self._folder_line += f"<br><span style='color:#374151'>{html.escape(self.monitor.batching)}</span>"
+                if not self._failing:
+                    self.message.value = self._folder_line
+            if len(self.monitor.warnings) > self._warnings_shown:  # the run's own warnings, as they come
+                new = self.monitor.warnings[self._warnings_shown:]
+                self._warnings_shown = len(self.monitor.warnings)
+                self._folder_line += "".join(f"<br><span style='color:#92400e'>&#9888; {html.escape(w)}</span>"
+                                             for w in new)
                 if not self._failing:
                     self.message.value = self._folder_line
             if self._failing:  # reading works again: the error message goes
