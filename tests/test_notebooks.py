@@ -159,9 +159,6 @@ def test_feedback_notebook_labels_rates_trains_dpo_and_compares(workdir, monkeyp
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="intermittent (2026-12-01): failed in the fresh-clone suite and once in a run of "
-                   "the whole file, passed 4 times alone or after notebook 06; which assertion fails is not yet known; "
-                   "the PEFT issue stays open until it is found")
 def test_peft_methods_notebook_runs_the_shootout_and_reads_the_table(workdir, monkeypatch):
     monkeypatch.setenv("SFTKIT_NOTEBOOK_FAST", "1")  # 3 steps, 8 items, one method a family (all seven: the timings)
     nb = run_notebook("07_peft_methods.ipynb", workdir)
