@@ -184,7 +184,13 @@ def test_attention_view_renders_heatmap_and_a_grid_click_opens_a_head(lab, page,
     panel.locator(".gtitle", has_text="layer 12, head 4").first.wait_for(timeout=30_000)
     panel.locator(".js-plotly-plot .heatmaplayer image, .js-plotly-plot .hm").first.wait_for(
         state="attached", timeout=30_000)
-    # the grid is readable: every cell's value fits its button (no "..." from an overflowing label)
+    # the grid is readable: every cell's value fits its button (no "..." from an overflowing label); each
+    # button view attaches on its own, so wait until all 30 x 9 are on the page before reading them
+    buttons = panel.locator("button[title^='layer ']")
+    for _ in range(240):
+        if buttons.count() >= 30 * 9:
+            break
+        page.wait_for_timeout(250)
     clipped = panel.locator("button[title^='layer ']").evaluate_all(
         "els => els.filter(e => e.scrollWidth > e.clientWidth + 1).map(e => e.title)")
     assert panel.locator("button[title^='layer ']").count() == 30 * 9 and not clipped, clipped[:5]
